@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Builds hearth/base:bookworm from Debian's packages, with no registry: debootstrap + docker import.
+# A no-op when the image exists and was built from the same inputs (this file's content), which the
+# image carries in its `hearth.inputs` label.
+set -euo pipefail
+
+IMAGE="${HEARTH_BASE_IMAGE:-hearth/base:bookworm}"
+MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+# Everything the runtime images need at run time goes into the base, so building them does not
+# depend on apt reaching the network from inside `docker build`.
+PACKAGES="bash,tar,gzip,bsdutils,util-linux,ca-certificates,procps,nodejs,python3,python3-venv,python3-pip,python3-aiohttp"
+
+here="$(cd "$(dirname "$0")" && pwd)"
+inputs="$(sha256sum "$here/build.sh" | cut -c1-16)"
+
+if current="$(docker image inspect --format '{{ index .Config.Labels "hearth.inputs" }}' "$IMAGE" 2>/dev/null)" \
+    && [ "$current" = "$inputs" ]; then
+  echo "$IMAGE is up to date (inputs $inputs)"
+  exit 0
+fi
+
+command -v debootstrap >/dev/null || { echo "debootstrap is missing: apt-get install -y debootstrap" >&2; exit 1; }
+
+root="$(mktemp -d /tmp/hearth-base.XXXXXX)"
+trap 'rm -rf "$root"' EXIT
+echo "debootstrap bookworm into $root (this takes a few minutes)"
+debootstrap --variant=minbase --include="$PACKAGES" bookworm "$root" "$MIRROR" >"$root.log" 2>&1 \
+  || { tail -n 40 "$root.log" >&2; rm -f "$root.log"; exit 1; }
+rm -f "$root.log"
+
+# Slim the root: package caches and docs are not needed at run time.
+rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/* \
+  "$root"/usr/share/doc/* "$root"/usr/share/man/* "$root"/usr/share/info/*
+echo "deb $MIRROR bookworm main" > "$root/etc/apt/sources.list"
+
+tar -C "$root" -c . | docker import \
+  --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+  --change 'ENV LANG=C.UTF-8' \
+  --change "LABEL hearth.inputs=$inputs" \
+  --change 'CMD ["bash"]' \
+  - "$IMAGE" >/dev/null
+echo "built $IMAGE (inputs $inputs)"

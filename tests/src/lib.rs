@@ -1,0 +1,11 @@
+//! Shared harness for Hearth's cross-component tests and benchmarks.
+//!
+//! Layout:
+//! - [`docker`]: test containers on the real engine, labelled `hearth.test=1`, removed on drop;
+//! - [`runtime`]: the runtime images and their fixtures, building functions with an image's own
+//!   `helpers/build.sh` and starting server containers from the result.
+//!
+//! The conformance suite is `tests/all/conformance.rs`; the benchmark is `src/bin/bench.rs`.
+
+pub mod docker;
+pub mod runtime;
