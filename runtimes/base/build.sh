@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Builds hearth/base:bookworm from Debian's packages, with no registry: debootstrap + docker import.
-# A no-op when the image exists and was built from the same inputs (this file's content), which the
-# image carries in its `hearth.inputs` label.
+# A no-op when the image exists and was built from the same inputs (suite, package list, mirror and
+# the slimming steps' revision), which the image carries in its `hearth.inputs` label.
 set -euo pipefail
 
 IMAGE="${HEARTH_BASE_IMAGE:-hearth/base:bookworm}"
 MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
-# Everything the runtime images need at run time goes into the base, so building them does not
-# depend on apt reaching the network from inside `docker build`.
+# The language interpreters live in the base; each runtime image adds its own tools (npm, ...) with
+# apt-get inside `docker build`.
 PACKAGES="bash,tar,gzip,bsdutils,util-linux,ca-certificates,procps,nodejs,python3,python3-venv,python3-pip,python3-aiohttp"
 
-here="$(cd "$(dirname "$0")" && pwd)"
-inputs="$(sha256sum "$here/build.sh" | cut -c1-16)"
+# Bump when the steps below change what ends up in the image.
+REVISION=1
+inputs="$(printf '%s|%s|%s|%s' bookworm "$PACKAGES" "$MIRROR" "$REVISION" | sha256sum | cut -c1-16)"
 
 if current="$(docker image inspect --format '{{ index .Config.Labels "hearth.inputs" }}' "$IMAGE" 2>/dev/null)" \
     && [ "$current" = "$inputs" ]; then
@@ -19,7 +20,15 @@ if current="$(docker image inspect --format '{{ index .Config.Labels "hearth.inp
   exit 0
 fi
 
-command -v debootstrap >/dev/null || { echo "debootstrap is missing: apt-get install -y debootstrap" >&2; exit 1; }
+if ! command -v debootstrap >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing debootstrap"
+    apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap >/dev/null
+  else
+    echo "debootstrap is missing: sudo apt-get install -y debootstrap" >&2
+    exit 1
+  fi
+fi
 
 root="$(mktemp -d /tmp/hearth-base.XXXXXX)"
 trap 'rm -rf "$root"' EXIT

@@ -1,7 +1,7 @@
 # Shared start steps of every Hearth runtime image (sourced by each image's helpers/start.sh).
 #
 # Contract (runtime-protocol.md §1): extract /mnt/code/code.tar.gz (or code.tar; gzip detected by
-# its magic bytes) into /usr/local/server/src/function, source its `.open-runtimes` with allexport,
+# its magic bytes; /tmp/code.tar.gz, where an executor presents a source, as the last resort) into /usr/local/server/src/function, source its `.open-runtimes` with allexport,
 # run the image's `prepare_start` hook, then exec the server command given as $1.
 # The caller defines `prepare_start` (may be a no-op) before sourcing this file.
 set -eo pipefail
@@ -11,7 +11,7 @@ function_dir=/usr/local/server/src/function
 started="$EPOCHREALTIME"
 
 archive=""
-for candidate in /mnt/code/code.tar.gz /mnt/code/code.tar; do
+for candidate in /mnt/code/code.tar.gz /mnt/code/code.tar /tmp/code.tar.gz /tmp/code.tar; do
   if [ -f "$candidate" ]; then archive="$candidate"; break; fi
 done
 if [ -z "$archive" ]; then

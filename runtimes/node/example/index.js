@@ -1,0 +1,1 @@
+module.exports = async (context) => context.res.text('Hello, World!');

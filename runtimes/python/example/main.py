@@ -1,0 +1,2 @@
+async def main(context):
+    return context.res.text('Hello, World!')
