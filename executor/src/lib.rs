@@ -1,6 +1,86 @@
 //! The executor: the Open Runtimes Executor HTTP API (`/v1/runtimes`, executions, builds, logs,
-//! commands, health, metrics) on top of an `Adapter`. It cold-starts runtime containers of the
-//! images in `runtimes/`, guards each with its own secret, forwards calls over the runtime protocol
-//! (v5 and legacy v2), and returns status, headers, body, logs and errors.
+//! commands, health, metrics) on top of an [`hearth_adapters::Adapter`]. It cold-starts runtime
+//! containers of the images in `runtimes/`, guards each with its own secret, forwards calls over
+//! the runtime protocol (v5 and legacy v2), and returns status, headers, body, logs and errors.
 //!
-//! Status: not built yet (issue "Executor: the Open Runtimes Executor API on Docker").
+//! Layout:
+//! - [`config`]: the `OPR_EXECUTOR_*` configuration (parsed in `main`);
+//! - [`api`]: routes, auth, parameters and reply shapes (the only module that knows axum);
+//! - [`runtimes`]: the domain: the runtime table, cold starts, executions, builds, maintenance;
+//! - [`invoke`]: the runtime protocol client (v5, v2, readiness probe);
+//! - [`storage`]: sources and artifacts on a local folder or S3;
+//! - [`logs`]: per-request log files; [`metrics`]: Prometheus counters;
+//! - [`error`]: the error kinds of the API.
+//!
+//! [`run`] serves the API on a listener until `shutdown` resolves, then drains.
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod invoke;
+pub mod logs;
+pub mod metrics;
+pub mod runtimes;
+pub mod storage;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hearth_adapters::Adapter;
+use tokio::net::TcpListener;
+
+pub use config::Config;
+pub use runtimes::Executor;
+
+/// Builds the executor service: opens storage, ensures networks, adopts running runtimes.
+pub async fn prepare(config: Config, adapter: Arc<dyn Adapter>) -> anyhow::Result<Arc<Executor>> {
+    let storage = storage::Storage::open(&config.storage, &config.storage_root)?;
+    for network in &config.networks {
+        if !network.is_empty() {
+            adapter.ensure_network(network).await?;
+        }
+    }
+    let name = if config.name.is_empty() {
+        hostname()
+    } else {
+        config.name.clone()
+    };
+    let executor = Arc::new(Executor::new(config, adapter, storage, name));
+    let (adopted, removed) = executor.adopt_at_boot().await?;
+    tracing::info!(executor = %executor.name, adopted, removed, "reconciled runtimes at boot");
+    for image in executor.config.images.iter().filter(|i| !i.is_empty()) {
+        tracing::info!(image = %image, "image listed in OPR_EXECUTOR_IMAGES");
+    }
+    Ok(executor)
+}
+
+/// Serves the API until `shutdown` resolves, then waits (up to the configured grace) for
+/// executions in flight. Runtimes keep running: the next executor adopts them.
+pub async fn run(
+    executor: Arc<Executor>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let maintenance = tokio::spawn(executor.clone().maintenance_loop(stop_rx));
+    let app = api::router(executor.clone());
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    let _ = stop_tx.send(true);
+    let _ = maintenance.await;
+    let grace = Instant::now() + Duration::from_secs(executor.config.shutdown_grace);
+    while executor.in_flight_total() > 0 && Instant::now() < grace {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "hearth-executor".to_string())
+}

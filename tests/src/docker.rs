@@ -38,6 +38,8 @@ pub struct ContainerSpec {
     pub publish: Option<u16>,
     pub memory_mb: Option<i64>,
     pub nano_cpus: Option<i64>,
+    /// A network (created by the test) to attach the container to.
+    pub network: Option<String>,
 }
 
 impl ContainerSpec {
@@ -78,6 +80,7 @@ impl Container {
         let mut host_config = HostConfig {
             memory: spec.memory_mb.map(|mb| mb * 1024 * 1024),
             nano_cpus: spec.nano_cpus,
+            network_mode: spec.network.clone(),
             ..HostConfig::default()
         };
         let mut exposed = None;
@@ -227,6 +230,17 @@ impl Container {
         Ok((inspect.exit_code.unwrap_or(-1), stdout, stderr))
     }
 
+    /// The container's address on `network`.
+    pub async fn ip_on(&self, network: &str) -> Result<String> {
+        let info = self.docker.inspect_container(&self.id, None).await?;
+        info.network_settings
+            .and_then(|n| n.networks)
+            .and_then(|mut nets| nets.remove(network))
+            .and_then(|n| n.ip_address)
+            .filter(|ip| !ip.is_empty())
+            .with_context(|| format!("{} has no address on {network}", self.id))
+    }
+
     /// The 127.0.0.1 port that `port` is published on.
     pub async fn host_port(&self, port: u16) -> Result<u16> {
         let info = self.docker.inspect_container(&self.id, None).await?;
@@ -274,4 +288,36 @@ pub fn tar_of_dir(dir: &std::path::Path) -> Result<Vec<u8>> {
         .append_dir_all(".", dir)
         .with_context(|| format!("failed to pack {}", dir.display()))?;
     Ok(builder.into_inner()?)
+}
+
+/// A bridge network created for a test or benchmark (label `hearth.test=1`), removed on drop.
+pub struct Network {
+    pub name: String,
+}
+
+impl Network {
+    pub async fn create(docker: &Docker, prefix: &str) -> Result<Self> {
+        let name = format!("{prefix}-{}", std::process::id());
+        let mut labels = HashMap::new();
+        labels.insert(TEST_LABEL.to_string(), "1".to_string());
+        docker
+            .create_network(bollard::models::NetworkCreateRequest {
+                name: name.clone(),
+                labels: Some(labels),
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("failed to create network {name}"))?;
+        Ok(Self { name })
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("docker")
+            .args(["network", "rm", &self.name])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
 }

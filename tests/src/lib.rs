@@ -2,10 +2,12 @@
 //!
 //! Layout:
 //! - [`docker`]: test containers on the real engine, labelled `hearth.test=1`, removed on drop;
+//! - [`executor`]: a real executor served in-process, with helpers to stage sources;
 //! - [`runtime`]: the runtime images and their fixtures, building functions with an image's own
 //!   `helpers/build.sh` and starting server containers from the result.
 //!
 //! The conformance suite is `tests/all/conformance.rs`; the benchmark is `src/bin/bench.rs`.
 
 pub mod docker;
+pub mod executor;
 pub mod runtime;

@@ -120,6 +120,9 @@ pub struct ServerOptions {
     pub default_cmd: bool,
     pub memory_mb: Option<i64>,
     pub nano_cpus: Option<i64>,
+    /// Reach the server by its address on this network instead of a published port (no
+    /// docker-proxy in the path).
+    pub network: Option<String>,
 }
 
 impl ServerOptions {
@@ -137,7 +140,11 @@ pub async fn prepare(
     archive: &[u8],
     options: &ServerOptions,
 ) -> Result<Container> {
-    let mut spec = ContainerSpec::new(image).publish(3000);
+    let mut spec = ContainerSpec::new(image);
+    match &options.network {
+        Some(network) => spec.network = Some(network.clone()),
+        None => spec = spec.publish(3000),
+    }
     if !options.default_cmd {
         spec = spec.cmd(&["bash", "helpers/start.sh", "bash helpers/server.sh"]);
     }
@@ -174,16 +181,16 @@ impl Server {
     ) -> Result<Self> {
         let container = prepare(docker, image, archive, options).await?;
         container.start().await?;
-        Self::attach(container).await
+        Self::attach(container, options.network.as_deref()).await
     }
 
-    /// Wraps a started container, finding its published port.
-    pub async fn attach(container: Container) -> Result<Self> {
-        let port = container.host_port(3000).await?;
-        Ok(Self {
-            container,
-            url: format!("http://127.0.0.1:{port}"),
-        })
+    /// Wraps a started container, finding its address on `network` or its published port.
+    pub async fn attach(container: Container, network: Option<&str>) -> Result<Self> {
+        let url = match network {
+            Some(network) => format!("http://{}:3000", container.ip_on(network).await?),
+            None => format!("http://127.0.0.1:{}", container.host_port(3000).await?),
+        };
+        Ok(Self { container, url })
     }
 
     /// Polls `/__opr/health` with a short backoff until it answers 200.

@@ -3,6 +3,8 @@
 //! Runtime images: for each image's `example/` hello function called directly (as the executor
 //! calls it: secret, timeout and logging headers), warm latency p50/p99 and requests/s at 1 and
 //! 32 connections (wrk), and the time from container start to the first 200 on `/__opr/health`.
+//! Runtimes sit on a bridge network the benchmark creates and are called by their address there,
+//! as an executor on that network calls them.
 //!
 //! Usage: `bench [--runtimes node,python] [--duration SECS] [--starts N]`
 
@@ -10,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use hearth_tests::docker::connect;
+use hearth_tests::docker::{connect, Network};
 use hearth_tests::runtime::{self, example_dir, RuntimeImage, Server, ServerOptions};
 use serde_json::{json, Value};
 
@@ -143,26 +145,33 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.min(sorted.len() - 1)]
 }
 
-async fn bench_runtime(rt: RuntimeImage, args: &Args) -> Result<Value> {
+async fn bench_runtime(rt: RuntimeImage, args: &Args, network: &str) -> Result<Value> {
     let docker = connect().await?;
     let built = runtime::build(&docker, rt.image, &example_dir(&rt), rt.example_entry, "")
         .await
         .with_context(|| format!("failed to build the {} example", rt.name))?;
-    let options = ServerOptions::default()
-        .env("OPEN_RUNTIMES_SECRET", SECRET)
-        .env("OPEN_RUNTIMES_ENTRYPOINT", rt.example_entry);
+    let options = ServerOptions {
+        network: Some(network.to_string()),
+        ..ServerOptions::default()
+    }
+    .env("OPEN_RUNTIMES_SECRET", SECRET)
+    .env("OPEN_RUNTIMES_ENTRYPOINT", rt.example_entry);
 
-    // Start to healthy: from the start call to the first 200 on /__opr/health.
+    // Start to healthy: from the start call to the first 200 on /__opr/health; the Docker
+    // start call alone is measured too, to show what the runtime itself adds.
     let mut starts = Vec::new();
+    let mut docker_starts = Vec::new();
     for _ in 0..args.starts {
         let container = runtime::prepare(&docker, rt.image, &built.archive, &options).await?;
         let started = Instant::now();
         container.start().await?;
-        let server = Server::attach(container).await?;
+        docker_starts.push(started.elapsed().as_secs_f64() * 1000.0);
+        let server = Server::attach(container, Some(network)).await?;
         server.wait_healthy(Duration::from_secs(30)).await?;
         starts.push(started.elapsed().as_secs_f64() * 1000.0);
     }
     starts.sort_by(f64::total_cmp);
+    docker_starts.sort_by(f64::total_cmp);
 
     let server = Server::start(&docker, rt.image, &built.archive, &options).await?;
     let url = format!("{}/", server.url);
@@ -172,7 +181,7 @@ async fn bench_runtime(rt: RuntimeImage, args: &Args) -> Result<Value> {
     let many = wrk(&url, 32, args.duration)?;
 
     println!(
-        "{:<22} hello 1 conn: p50 {:.3} ms p99 {:.3} ms {:>8.0} req/s | 32 conn: p50 {:.3} ms p99 {:.3} ms {:>8.0} req/s | start→healthy p50 {:.0} ms max {:.0} ms",
+        "{:<22} hello 1 conn: p50 {:.3} ms p99 {:.3} ms {:>6.0} req/s | 32 conn: p50 {:.3} ms p99 {:.3} ms {:>6.0} req/s | start→healthy p50 {:.0} ms max {:.0} ms (docker start call alone p50 {:.0} ms)",
         rt.image,
         one.p50_ms,
         one.p99_ms,
@@ -182,12 +191,14 @@ async fn bench_runtime(rt: RuntimeImage, args: &Args) -> Result<Value> {
         many.rps,
         percentile(&starts, 50.0),
         percentile(&starts, 100.0),
+        percentile(&docker_starts, 50.0),
     );
     Ok(json!({
         "image": rt.image,
         "hello_c1": {"p50_ms": one.p50_ms, "p99_ms": one.p99_ms, "rps": one.rps},
         "hello_c32": {"p50_ms": many.p50_ms, "p99_ms": many.p99_ms, "rps": many.rps},
         "start_to_healthy_ms": {"p50": percentile(&starts, 50.0), "max": percentile(&starts, 100.0), "samples": starts},
+        "docker_start_call_ms": {"p50": percentile(&docker_starts, 50.0), "samples": docker_starts},
     }))
 }
 
@@ -198,9 +209,11 @@ async fn main() -> Result<()> {
         "Hearth benchmark: runtime images, hello called directly with logging enabled ({} s per load, {} starts)",
         args.duration, args.starts
     );
+    // Runtimes are reached on a network of our own, by address: no docker-proxy in the path.
+    let network = Network::create(&connect().await?, "hearth-bench").await?;
     let mut results = Vec::new();
     for rt in &args.runtimes {
-        results.push(bench_runtime(*rt, &args).await?);
+        results.push(bench_runtime(*rt, &args, &network.name).await?);
     }
     let out_dir = runtime::repo_root().join("target").join("bench");
     std::fs::create_dir_all(&out_dir)?;

@@ -1,0 +1,284 @@
+//! The executor's side of the runtime protocol (`runtime-protocol.md` §3–4): one shared
+//! keep-alive HTTP client that forwards a call to a runtime as v5 (secret, timeout and logging
+//! headers) or as the legacy v2 JSON invocation, and probes `/__opr/health` for readiness.
+
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Method, Request};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+
+use hearth_adapters::Endpoint;
+
+/// Largest response body a function may return.
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+/// Extra time the client waits beyond the function's own timeout (the runtime answers first).
+const GRACE: Duration = Duration::from_secs(5);
+
+/// Headers the executor sets itself or that only make sense hop by hop.
+const SKIPPED_REQUEST_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+    "trailer",
+    "proxy-connection",
+    "authorization",
+    "x-open-runtimes-secret",
+    "x-open-runtimes-timeout",
+    "x-open-runtimes-logging",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    V2,
+    V5,
+}
+
+impl Version {
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "v2" => Some(Self::V2),
+            "" | "v5" => Some(Self::V5),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::V2 => "v2",
+            Self::V5 => "v5",
+        }
+    }
+}
+
+/// One call to forward.
+pub struct Call<'a> {
+    pub endpoint: &'a Endpoint,
+    pub secret: &'a str,
+    pub version: Version,
+    pub method: Method,
+    pub path: &'a str,
+    pub headers: &'a [(String, String)],
+    pub body: Bytes,
+    /// What is left of the caller's budget for the function itself.
+    pub timeout: Duration,
+    pub logging: bool,
+}
+
+/// What the runtime answered.
+#[derive(Debug, Default)]
+pub struct Reply {
+    pub status: u16,
+    /// Lower-cased names, in order, repeated names repeated, `x-open-runtimes-*` removed.
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+    /// v5: the id of the request's log files ("" when logging is off).
+    pub log_id: String,
+    /// v2: the logs and errors come inline.
+    pub inline_logs: Option<(String, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    /// Nothing was sent: the runtime refused or dropped the connection.
+    #[error("failed to connect to the runtime: {0}")]
+    Connect(String),
+    #[error("the runtime did not answer in time")]
+    Timeout,
+    #[error("the runtime's response is larger than {MAX_RESPONSE_BYTES} bytes")]
+    TooLarge,
+    #[error("{0}")]
+    Protocol(String),
+}
+
+#[derive(Clone)]
+pub struct Invoker {
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Default for Invoker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Invoker {
+    pub fn new() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(64)
+            .build(connector);
+        Self { client }
+    }
+
+    /// Forwards one call and reads the whole response.
+    pub async fn call(&self, call: Call<'_>) -> Result<Reply, InvokeError> {
+        let limit = call.timeout + GRACE;
+        match call.version {
+            Version::V5 => tokio::time::timeout(limit, self.call_v5(call))
+                .await
+                .map_err(|_| InvokeError::Timeout)?,
+            Version::V2 => tokio::time::timeout(limit, self.call_v2(call))
+                .await
+                .map_err(|_| InvokeError::Timeout)?,
+        }
+    }
+
+    async fn call_v5(&self, call: Call<'_>) -> Result<Reply, InvokeError> {
+        let uri = format!("http://{}{}", call.endpoint, call.path);
+        let mut builder = Request::builder().method(call.method.clone()).uri(uri);
+        for (name, value) in call.headers {
+            if SKIPPED_REQUEST_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+                continue;
+            }
+            let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(value),
+            ) else {
+                continue;
+            };
+            builder = builder.header(name, value);
+        }
+        let timeout_secs = call.timeout.as_secs().max(1);
+        let basic =
+            base64::engine::general_purpose::STANDARD.encode(format!("opr:{}", call.secret));
+        let request = builder
+            .header("x-open-runtimes-secret", call.secret)
+            .header("x-open-runtimes-timeout", timeout_secs.to_string())
+            .header(
+                "x-open-runtimes-logging",
+                if call.logging { "enabled" } else { "disabled" },
+            )
+            .header("authorization", format!("Basic {basic}"))
+            .body(Full::new(call.body))
+            .map_err(|err| InvokeError::Protocol(format!("failed to build the request: {err}")))?;
+        let response = self.client.request(request).await.map_err(classify)?;
+        let status = response.status().as_u16();
+        let mut headers = Vec::with_capacity(response.headers().len());
+        let mut log_id = String::new();
+        for (name, value) in response.headers() {
+            let name = name.as_str();
+            let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+            if name == "x-open-runtimes-log-id" {
+                log_id = value;
+            } else if !name.starts_with("x-open-runtimes-") {
+                headers.push((name.to_string(), value));
+            }
+        }
+        let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+            .collect()
+            .await
+            .map_err(|err| {
+                if err.is::<http_body_util::LengthLimitError>() {
+                    InvokeError::TooLarge
+                } else {
+                    InvokeError::Protocol(format!("failed to read the response: {err}"))
+                }
+            })?
+            .to_bytes();
+        Ok(Reply {
+            status,
+            headers,
+            body,
+            log_id,
+            inline_logs: None,
+        })
+    }
+
+    async fn call_v2(&self, call: Call<'_>) -> Result<Reply, InvokeError> {
+        let headers: serde_json::Map<String, Value> = call
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), Value::String(v.clone())))
+            .collect();
+        let payload = json!({
+            "variables": {},
+            "payload": String::from_utf8_lossy(&call.body),
+            "headers": headers,
+        });
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(format!("http://{}/", call.endpoint))
+            .header("content-type", "application/json")
+            .header("x-internal-challenge", call.secret)
+            .body(Full::new(Bytes::from(payload.to_string())))
+            .map_err(|err| InvokeError::Protocol(format!("failed to build the request: {err}")))?;
+        let response = self.client.request(request).await.map_err(classify)?;
+        let status = response.status().as_u16();
+        let bytes = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+            .collect()
+            .await
+            .map_err(|err| InvokeError::Protocol(format!("failed to read the response: {err}")))?
+            .to_bytes();
+        let parsed: Value = serde_json::from_slice(&bytes).map_err(|err| {
+            InvokeError::Protocol(format!("the v2 runtime answered with invalid JSON: {err}"))
+        })?;
+        let text = |key: &str| {
+            parsed
+                .get(key)
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string()
+        };
+        let (body, content_type) = match parsed.get("response") {
+            Some(Value::String(s)) => (Bytes::from(s.clone()), "text/plain; charset=utf-8"),
+            Some(Value::Null) | None => (Bytes::new(), "text/plain; charset=utf-8"),
+            Some(other) => (
+                Bytes::from(other.to_string()),
+                "application/json; charset=utf-8",
+            ),
+        };
+        Ok(Reply {
+            status,
+            headers: vec![("content-type".to_string(), content_type.to_string())],
+            body,
+            log_id: String::new(),
+            inline_logs: Some((text("stdout"), text("stderr"))),
+        })
+    }
+
+    /// Polls the runtime until it answers HTTP at all, backing off from 1 ms. Returns false when
+    /// `deadline` passes first.
+    pub async fn wait_listening(&self, endpoint: &Endpoint, deadline: Instant) -> bool {
+        let mut delay = Duration::from_millis(1);
+        let uri = format!("http://{endpoint}/__opr/health");
+        loop {
+            let Ok(request) = Request::get(&uri).body(Full::new(Bytes::new())) else {
+                return false;
+            };
+            let attempt =
+                tokio::time::timeout(Duration::from_secs(1), self.client.request(request));
+            if let Ok(Ok(response)) = attempt.await {
+                // Drain so the connection goes back to the pool.
+                let _ = response.into_body().collect().await;
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            tokio::time::sleep(delay.min(deadline - now)).await;
+            delay = (delay * 2).min(Duration::from_millis(10));
+        }
+    }
+}
+
+fn classify(err: hyper_util::client::legacy::Error) -> InvokeError {
+    if err.is_connect() {
+        InvokeError::Connect(err.to_string())
+    } else {
+        InvokeError::Protocol(format!("the runtime failed to answer: {err}"))
+    }
+}

@@ -1,0 +1,56 @@
+//! `hearth-executor`: parse the configuration, start tracing, serve the API until SIGTERM/SIGINT.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use hearth_adapters::docker::{Addressing, DockerAdapter, DockerOptions};
+use hearth_executor::config::{self, Config};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if std::env::var("LOG_FORMAT").as_deref() == Ok("json") {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    anyhow::ensure!(
+        !config.secret.is_empty(),
+        "OPR_EXECUTOR_SECRET must not be empty"
+    );
+    let addressing = match config.addressing {
+        config::Addressing::Published => Addressing::Published,
+        config::Addressing::Network => Addressing::Network,
+    };
+    let adapter = DockerAdapter::connect(DockerOptions {
+        addressing,
+        call_timeout: Duration::from_secs(30),
+    })
+    .await
+    .context("failed to connect to Docker")?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("failed to listen on {}", config.listen))?;
+    let executor = hearth_executor::prepare(config, Arc::new(adapter)).await?;
+    tracing::info!(address = %listener.local_addr()?, "executor listening");
+    hearth_executor::run(executor, listener, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => return ctrl_c.await.unwrap_or_default(),
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,815 @@
+//! The executor's domain: the table of runtimes and their lifecycle. Knows nothing about HTTP.
+//!
+//! - this file: [`Executor`] (the service), [`Runtime`] (one entry of the table), creation with
+//!   single-flight cold starts, lookup with in-flight counting, deletion, listing;
+//! - [`execute`]: forwarding an execution to a runtime and collecting its logs;
+//! - [`build`]: builds (`command`), their captured output and the live build log;
+//! - [`maintenance`]: boot-time adoption of containers, idle reaping, reconciliation.
+//!
+//! Concurrency rules: the table is a `DashMap`; a `Ref` is never held across `.await` nor while
+//! inserting. A runtime's in-flight counter is raised while its table entry is locked, and the
+//! reaper removes entries only through `remove_if` with the counter at zero, so a runtime with
+//! an execution in flight is never reaped.
+
+pub mod build;
+pub mod execute;
+pub mod maintenance;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use hearth_adapters::{
+    Adapter, Endpoint, RestartPolicy, RuntimeSpec, EXECUTOR_LABEL, RUNTIME_LABEL,
+};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::invoke::{Invoker, Version};
+use crate::metrics::Metrics;
+use crate::storage::Storage;
+
+pub use build::{BuildLog, BuildReport, LogEntry};
+
+/// Labels that let a restarted executor adopt its runtimes.
+const SECRET_LABEL: &str = "hearth.secret";
+const VERSION_LABEL: &str = "hearth.version";
+const HOSTNAME_LABEL: &str = "hearth.hostname";
+/// The port every runtime image serves on.
+const RUNTIME_PORT: u16 = 3000;
+
+/// Where a runtime is in its life.
+#[derive(Debug, Clone)]
+pub enum Phase {
+    /// Its container is being created and started.
+    Pending,
+    /// Started (and, for cold starts, listening).
+    Ready,
+    /// Creation failed; the entry is already out of the table.
+    Failed(Error),
+}
+
+/// One runtime: a container of a runtime image serving one function.
+pub struct Runtime {
+    pub id: String,
+    /// Container name: `<executor name>-<runtime id>`.
+    pub name: String,
+    pub hostname: String,
+    pub image: String,
+    pub version: Version,
+    secret: String,
+    /// Unix seconds.
+    created: f64,
+    started: Instant,
+    updated_ms: AtomicU64,
+    in_flight: AtomicUsize,
+    listening: AtomicBool,
+    initialised: AtomicBool,
+    phase: watch::Sender<Phase>,
+    container: OnceLock<String>,
+    endpoint: OnceLock<Endpoint>,
+    logs_dir: Option<PathBuf>,
+    pub build_log: BuildLog,
+}
+
+impl Runtime {
+    fn new(
+        id: &str,
+        name: String,
+        image: &str,
+        version: Version,
+        logs_dir: Option<PathBuf>,
+    ) -> Self {
+        let now = unix_now();
+        Self {
+            id: id.to_string(),
+            name,
+            hostname: random_hex(16),
+            image: image.to_string(),
+            version,
+            secret: random_hex(32),
+            created: now,
+            started: Instant::now(),
+            updated_ms: AtomicU64::new((now * 1000.0) as u64),
+            in_flight: AtomicUsize::new(0),
+            listening: AtomicBool::new(false),
+            initialised: AtomicBool::new(false),
+            phase: watch::channel(Phase::Pending).0,
+            container: OnceLock::new(),
+            endpoint: OnceLock::new(),
+            logs_dir,
+            build_log: BuildLog::default(),
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    fn touch(&self) {
+        self.updated_ms
+            .store((unix_now() * 1000.0) as u64, Ordering::Relaxed);
+    }
+
+    /// How long since the last execution ended (or the runtime was created).
+    pub fn idle_for(&self) -> Duration {
+        let updated = self.updated_ms.load(Ordering::Relaxed) as f64 / 1000.0;
+        Duration::from_secs_f64((unix_now() - updated).max(0.0))
+    }
+
+    pub fn container_id(&self) -> Option<&str> {
+        self.container.get().map(String::as_str)
+    }
+
+    fn is_pending(&self) -> bool {
+        matches!(*self.phase.borrow(), Phase::Pending)
+    }
+
+    /// Waits until creation ends, at most until `deadline`.
+    async fn wait_ready(&self, deadline: Instant) -> Result<()> {
+        let mut rx = self.phase.subscribe();
+        let outcome = {
+            let wait = rx.wait_for(|phase| !matches!(phase, Phase::Pending));
+            match tokio::time::timeout_at(deadline.into(), wait).await {
+                Err(_) => Err(Error::RuntimeTimeout),
+                Ok(Err(_)) => Err(Error::Internal(
+                    "runtime creation was abandoned".to_string(),
+                )),
+                Ok(Ok(phase)) => match &*phase {
+                    Phase::Failed(err) => Err(err.clone()),
+                    _ => Ok(()),
+                },
+            }
+        };
+        outcome
+    }
+
+    /// What the list and get routes show. Never the secret.
+    pub fn view(&self) -> RuntimeView {
+        let status = if self.is_pending() {
+            "pending".to_string()
+        } else {
+            format!("Up {:.2}s", self.started.elapsed().as_secs_f64())
+        };
+        RuntimeView {
+            name: self.name.clone(),
+            hostname: self.hostname.clone(),
+            status,
+            image: self.image.clone(),
+            version: self.version.as_str(),
+            created: self.created,
+            updated: self.updated_ms.load(Ordering::Relaxed) as f64 / 1000.0,
+            listening: u8::from(self.listening.load(Ordering::Relaxed)),
+            initialised: u8::from(self.initialised.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+/// The runtime object of the API.
+#[derive(Debug, Clone, Serialize)]
+pub struct RuntimeView {
+    pub name: String,
+    pub hostname: String,
+    pub status: String,
+    pub image: String,
+    pub version: &'static str,
+    pub created: f64,
+    pub updated: f64,
+    pub listening: u8,
+    pub initialised: u8,
+}
+
+/// Counts one execution in flight on a runtime for as long as it lives.
+pub struct InFlight(Arc<Runtime>);
+
+impl InFlight {
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Parameters of a runtime (the create route's, or an execution's cold-start part).
+#[derive(Debug, Clone)]
+pub struct RuntimeParams {
+    pub runtime_id: String,
+    pub image: String,
+    pub entrypoint: String,
+    pub source: String,
+    pub destination: String,
+    pub output_directory: String,
+    pub variables: Vec<(String, String)>,
+    pub runtime_entrypoint: String,
+    pub command: String,
+    pub cache_key: String,
+    /// Seconds for `command`.
+    pub timeout: u64,
+    pub remove: bool,
+    pub cpus: f64,
+    pub memory: u64,
+    pub version: Version,
+    pub restart_policy: RestartPolicy,
+}
+
+impl RuntimeParams {
+    pub fn new(runtime_id: &str, image: &str) -> Self {
+        Self {
+            runtime_id: runtime_id.to_string(),
+            image: image.to_string(),
+            entrypoint: String::new(),
+            source: String::new(),
+            destination: String::new(),
+            output_directory: String::new(),
+            variables: Vec::new(),
+            runtime_entrypoint: String::new(),
+            command: String::new(),
+            cache_key: String::new(),
+            timeout: 600,
+            remove: false,
+            cpus: 1.0,
+            memory: 512,
+            version: Version::V5,
+            restart_policy: RestartPolicy::No,
+        }
+    }
+}
+
+/// The executor service.
+pub struct Executor {
+    pub config: Config,
+    pub adapter: Arc<dyn Adapter>,
+    pub storage: Storage,
+    pub invoker: Invoker,
+    pub metrics: Metrics,
+    runtimes: DashMap<String, Arc<Runtime>>,
+    /// Entries in the table, kept beside it so the limit check never locks every shard.
+    count: AtomicUsize,
+    /// Prefix of runtime names and value of the executor label.
+    pub name: String,
+}
+
+impl Executor {
+    pub fn new(config: Config, adapter: Arc<dyn Adapter>, storage: Storage, name: String) -> Self {
+        Self {
+            config,
+            adapter,
+            storage,
+            invoker: Invoker::new(),
+            metrics: Metrics::default(),
+            runtimes: DashMap::new(),
+            count: AtomicUsize::new(0),
+            name,
+        }
+    }
+
+    pub fn runtime_name(&self, runtime_id: &str) -> String {
+        format!("{}-{runtime_id}", self.name)
+    }
+
+    pub fn warm(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Every runtime, oldest first.
+    pub fn list(&self) -> Vec<RuntimeView> {
+        let mut all: Vec<Arc<Runtime>> = self.runtimes.iter().map(|r| r.value().clone()).collect();
+        all.sort_by(|a, b| a.created.total_cmp(&b.created));
+        all.iter().map(|r| r.view()).collect()
+    }
+
+    pub fn get(&self, runtime_id: &str) -> Option<Arc<Runtime>> {
+        self.runtimes.get(runtime_id).map(|r| r.value().clone())
+    }
+
+    /// Takes a runtime for an execution: raises its in-flight counter while its entry is locked.
+    pub fn acquire(&self, runtime_id: &str) -> Option<InFlight> {
+        let entry = self.runtimes.get(runtime_id)?;
+        entry.in_flight.fetch_add(1, Ordering::AcqRel);
+        Some(InFlight(entry.value().clone()))
+    }
+
+    /// Creates a runtime and waits until its container runs (for a build, until the build
+    /// ends). `Conflict` when the id is taken.
+    pub async fn create(self: &Arc<Self>, params: RuntimeParams) -> Result<Option<BuildReport>> {
+        self.check_version(params.version)?;
+        self.check_paths(&params)?;
+        let runtime = self.reserve(&params)?;
+        // Creation runs in its own task: a caller that goes away does not leave a half-made
+        // container behind.
+        let this = self.clone();
+        let task = tokio::spawn(async move { this.bring_up(runtime, params, None).await });
+        task.await
+            .map_err(|err| Error::Internal(format!("runtime creation panicked: {err}")))?
+    }
+
+    /// Takes a runtime for an execution, cold-starting it with `params` when it does not exist.
+    /// Concurrent callers of one new runtime share a single cold start. Returns the in-flight
+    /// guard and the cold start's duration when this call waited for one.
+    pub async fn acquire_or_start(
+        self: &Arc<Self>,
+        params: Option<&RuntimeParams>,
+        runtime_id: &str,
+        deadline: Instant,
+    ) -> Result<(InFlight, Option<Duration>)> {
+        let begun = Instant::now();
+        loop {
+            if let Some(guard) = self.acquire(runtime_id) {
+                let runtime = guard.runtime().clone();
+                let waited = runtime.is_pending();
+                runtime.wait_ready(deadline).await?;
+                if !runtime.listening.load(Ordering::Acquire) {
+                    self.probe(&runtime, deadline).await?;
+                }
+                return Ok((guard, waited.then(|| begun.elapsed())));
+            }
+            let Some(params) = params else {
+                return Err(Error::RuntimeNotFoundNoParams);
+            };
+            self.check_version(params.version)?;
+            self.check_paths(params)?;
+            let runtime = match self.reserve(params) {
+                Ok(runtime) => runtime,
+                // Someone else inserted it between our lookup and our insert: join theirs.
+                Err(Error::RuntimeConflict) => continue,
+                Err(err) => return Err(err),
+            };
+            let this = self.clone();
+            let params = params.clone();
+            // Not tied to this caller: the cold start finishes (or cleans up) on its own.
+            tokio::spawn(async move {
+                let _ = this.bring_up(runtime, params, Some(deadline)).await;
+            });
+        }
+    }
+
+    fn check_version(&self, version: Version) -> Result<()> {
+        if self
+            .config
+            .runtime_versions
+            .iter()
+            .any(|v| v.trim() == version.as_str())
+        {
+            Ok(())
+        } else {
+            Err(Error::InvalidArgument(format!(
+                "Invalid `version` param: {} is not enabled on this executor (OPR_EXECUTOR_RUNTIME_VERSIONS={}).",
+                version.as_str(),
+                self.config.runtime_versions.join(",")
+            )))
+        }
+    }
+
+    /// Rejects storage paths that leave the storage root before anything is created.
+    fn check_paths(&self, params: &RuntimeParams) -> Result<()> {
+        if !params.source.is_empty() {
+            self.storage.object_path("source", &params.source)?;
+        }
+        if !params.destination.is_empty() {
+            self.storage.object_path(
+                "destination",
+                &format!("{}/artifact.gz", params.destination),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Inserts a pending entry for a new runtime, enforcing the runtime limit.
+    fn reserve(&self, params: &RuntimeParams) -> Result<Arc<Runtime>> {
+        if self.runtimes.contains_key(&params.runtime_id) {
+            return Err(Error::RuntimeConflict);
+        }
+        if self.count.fetch_add(1, Ordering::AcqRel) >= self.config.max_runtimes {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+            if !self.evict_one_idle() {
+                return Err(Error::RuntimeLimit(format!(
+                    "This executor already holds its maximum of {} runtimes and none is idle. Retry later or raise OPR_EXECUTOR_MAX_RUNTIMES.",
+                    self.config.max_runtimes
+                )));
+            }
+            self.count.fetch_add(1, Ordering::AcqRel);
+        }
+        let name = self.runtime_name(&params.runtime_id);
+        let logs_dir = self
+            .adapter
+            .shares_host_folders()
+            .then(|| self.config.runtimes_dir.join(&name).join("logs"));
+        let runtime = Arc::new(Runtime::new(
+            &params.runtime_id,
+            name,
+            &params.image,
+            params.version,
+            logs_dir,
+        ));
+        match self.runtimes.entry(params.runtime_id.clone()) {
+            Entry::Occupied(_) => {
+                self.count.fetch_sub(1, Ordering::AcqRel);
+                Err(Error::RuntimeConflict)
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(runtime.clone());
+                Ok(runtime)
+            }
+        }
+    }
+
+    /// Removes the least recently used runtime with nothing in flight, to make room.
+    fn evict_one_idle(&self) -> bool {
+        let mut idle: Vec<Arc<Runtime>> = self
+            .runtimes
+            .iter()
+            .filter(|r| r.in_flight() == 0 && !r.is_pending())
+            .map(|r| r.value().clone())
+            .collect();
+        idle.sort_by_key(|r| std::cmp::Reverse(r.idle_for()));
+        for runtime in idle {
+            if self.remove_if_idle(&runtime) {
+                tracing::info!(runtime = %runtime.id, "evicted the idlest runtime to make room");
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Takes `runtime` out of the table if it is still the entry and has nothing in flight;
+    /// its container is removed in the background.
+    pub fn remove_if_idle(&self, runtime: &Arc<Runtime>) -> bool {
+        let removed = self
+            .runtimes
+            .remove_if(&runtime.id, |_, entry| {
+                Arc::ptr_eq(entry, runtime) && entry.in_flight() == 0
+            })
+            .is_some();
+        if removed {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+            self.spawn_cleanup(runtime.clone());
+        }
+        removed
+    }
+
+    /// Takes `runtime` out of the table if it is still the entry (busy or not).
+    fn forget(&self, runtime: &Arc<Runtime>) -> bool {
+        let removed = self
+            .runtimes
+            .remove_if(&runtime.id, |_, entry| Arc::ptr_eq(entry, runtime))
+            .is_some();
+        if removed {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+        }
+        removed
+    }
+
+    fn spawn_cleanup(&self, runtime: Arc<Runtime>) {
+        let adapter = self.adapter.clone();
+        tokio::spawn(async move { remove_container(adapter.as_ref(), &runtime).await });
+    }
+
+    /// The delete route: removes the runtime and its container.
+    pub async fn delete(&self, runtime_id: &str) -> Result<()> {
+        let Some((_, runtime)) = self.runtimes.remove(runtime_id) else {
+            return Err(Error::RuntimeNotFound);
+        };
+        self.count.fetch_sub(1, Ordering::AcqRel);
+        remove_container(self.adapter.as_ref(), &runtime).await;
+        Ok(())
+    }
+
+    /// Creates and starts the container of a reserved runtime. For a cold start (`deadline`
+    /// set) it is ready once it listens; for a build it runs the build. On failure the entry
+    /// leaves the table and the container is removed.
+    async fn bring_up(
+        self: Arc<Self>,
+        runtime: Arc<Runtime>,
+        params: RuntimeParams,
+        deadline: Option<Instant>,
+    ) -> Result<Option<BuildReport>> {
+        let begun = Instant::now();
+        let is_build = deadline.is_none() && !params.command.is_empty();
+        let mut result = self
+            .start_container(&runtime, &params, deadline.is_some())
+            .await
+            .map(|()| None);
+        if result.is_ok() {
+            if let Some(deadline) = deadline {
+                // Ready only once it listens, so the waiting executions go straight through.
+                result = self.probe(&runtime, deadline).await.map(|()| None);
+            } else if is_build {
+                runtime.phase.send_replace(Phase::Ready);
+                result = self.run_build(&runtime, &params).await.map(Some);
+            }
+        }
+        runtime.build_log.finish();
+        match &result {
+            Ok(_) => {
+                if !is_build {
+                    self.metrics.cold_start(begun.elapsed());
+                }
+                runtime.phase.send_replace(Phase::Ready);
+                if is_build && params.remove && self.forget(&runtime) {
+                    remove_container(self.adapter.as_ref(), &runtime).await;
+                }
+            }
+            Err(err) => {
+                tracing::debug!(runtime = %runtime.id, error = %err, "runtime failed to come up");
+                if self.forget(&runtime) {
+                    remove_container(self.adapter.as_ref(), &runtime).await;
+                }
+                runtime.phase.send_replace(Phase::Failed(err.clone()));
+            }
+        }
+        if is_build {
+            self.metrics.build(result.is_ok());
+        }
+        result
+    }
+
+    async fn start_container(
+        &self,
+        runtime: &Arc<Runtime>,
+        params: &RuntimeParams,
+        for_execution: bool,
+    ) -> Result<()> {
+        let source = if params.source.is_empty() {
+            None
+        } else {
+            Some(self.storage.get("source", &params.source).await?)
+        };
+        if let Some(dir) = &runtime.logs_dir {
+            tokio::fs::create_dir_all(dir).await.map_err(|err| {
+                Error::Internal(format!("failed to create {}: {err}", dir.display()))
+            })?;
+        }
+        let spec = self.container_spec(runtime, params, for_execution);
+        let id = match self.adapter.create(&spec).await {
+            Err(hearth_adapters::Error::Conflict(_)) => {
+                // A container of a previous life of this executor holds the name: it is not in
+                // our table, so it is an orphan.
+                tracing::warn!(runtime = %runtime.name, "removing an orphan container holding the name");
+                let _ = self.adapter.remove(&runtime.name).await;
+                self.adapter.create(&spec).await?
+            }
+            other => other?,
+        };
+        let _ = runtime.container.set(id.clone());
+        if let Some(source) = source {
+            let path = if params.source.ends_with(".tar") {
+                "/tmp/code.tar"
+            } else {
+                "/tmp/code.tar.gz"
+            };
+            self.adapter.put_file(&id, path, source).await?;
+        }
+        let endpoint = self.adapter.start(&id).await?;
+        let _ = runtime.endpoint.set(endpoint);
+        Ok(())
+    }
+
+    fn container_spec(
+        &self,
+        runtime: &Runtime,
+        params: &RuntimeParams,
+        for_execution: bool,
+    ) -> RuntimeSpec {
+        let mut env: Vec<(String, String)> = Vec::new();
+        let mut set = |key: &str, value: String| {
+            env.retain(|(k, _)| k != key);
+            env.push((key.to_string(), value));
+        };
+        for (key, value) in &params.variables {
+            set(key, value.clone());
+        }
+        match runtime.version {
+            Version::V5 => {
+                set("OPEN_RUNTIMES_SECRET", runtime.secret.clone());
+                set("OPEN_RUNTIMES_ENTRYPOINT", params.entrypoint.clone());
+                set("OPEN_RUNTIMES_HOSTNAME", runtime.hostname.clone());
+                set("OPEN_RUNTIMES_CPUS", format_cpus(params.cpus));
+                set("OPEN_RUNTIMES_MEMORY", params.memory.to_string());
+                if !params.output_directory.is_empty() {
+                    set(
+                        "OPEN_RUNTIMES_OUTPUT_DIRECTORY",
+                        params.output_directory.clone(),
+                    );
+                }
+                set("CI", "true".to_string());
+            }
+            Version::V2 => {
+                set("INTERNAL_RUNTIME_KEY", runtime.secret.clone());
+                set("INTERNAL_RUNTIME_ENTRYPOINT", params.entrypoint.clone());
+                set("INERNAL_EXECUTOR_HOSTNAME", self.name.clone());
+                set("OPEN_RUNTIMES_CPUS", format_cpus(params.cpus));
+                set("OPEN_RUNTIMES_MEMORY", params.memory.to_string());
+            }
+        }
+        let cmd = if !params.runtime_entrypoint.is_empty() {
+            Some(vec![
+                "bash".to_string(),
+                "-c".to_string(),
+                params.runtime_entrypoint.clone(),
+            ])
+        } else if !params.command.is_empty() && !for_execution {
+            // A build container idles until the build command is executed in it.
+            Some(vec![
+                "tail".to_string(),
+                "-f".to_string(),
+                "/dev/null".to_string(),
+            ])
+        } else {
+            // The image's own command starts its server (it finds the code in /tmp).
+            None
+        };
+        let mut labels: HashMap<String, String> = self
+            .config
+            .labels
+            .iter()
+            .filter_map(|pair| pair.split_once('='))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect();
+        labels.insert(EXECUTOR_LABEL.to_string(), self.name.clone());
+        labels.insert(RUNTIME_LABEL.to_string(), runtime.id.clone());
+        labels.insert(SECRET_LABEL.to_string(), runtime.secret.clone());
+        labels.insert(
+            VERSION_LABEL.to_string(),
+            runtime.version.as_str().to_string(),
+        );
+        labels.insert(HOSTNAME_LABEL.to_string(), runtime.hostname.clone());
+        RuntimeSpec {
+            name: runtime.name.clone(),
+            image: params.image.clone(),
+            cmd,
+            env,
+            labels,
+            working_dir: None,
+            cpus: params.cpus,
+            memory_mb: params.memory,
+            pids_limit: self.config.pids_limit,
+            networks: self.config.networks.clone(),
+            restart_policy: params.restart_policy,
+            port: RUNTIME_PORT,
+            logs_dir: runtime.logs_dir.clone(),
+        }
+    }
+
+    /// Waits until the runtime answers HTTP, failing fast when its container has exited.
+    async fn probe(&self, runtime: &Arc<Runtime>, deadline: Instant) -> Result<()> {
+        let Some(endpoint) = runtime.endpoint.get() else {
+            return Err(Error::RuntimeFailed("runtime has no address".to_string()));
+        };
+        loop {
+            let slice = (Instant::now() + Duration::from_millis(500)).min(deadline);
+            if self.invoker.wait_listening(endpoint, slice).await {
+                runtime.listening.store(true, Ordering::Release);
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::RuntimeTimeout);
+            }
+            if let Some(id) = runtime.container_id() {
+                match self.adapter.inspect(id).await {
+                    Ok(info) if !info.running => {
+                        return Err(Error::RuntimeFailed(
+                            "Runtime exited before it was ready to serve. Check its entrypoint and code."
+                                .to_string(),
+                        ))
+                    }
+                    Err(hearth_adapters::Error::NotFound(_)) => {
+                        return Err(Error::RuntimeFailed("Runtime container vanished.".to_string()))
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Called when a runtime stopped answering: drops it from the table if its container is
+    /// gone. Returns true when it was dropped.
+    pub async fn drop_if_dead(&self, runtime: &Arc<Runtime>) -> bool {
+        let alive = match runtime.container_id() {
+            Some(id) => matches!(self.adapter.inspect(id).await, Ok(info) if info.running),
+            None => false,
+        };
+        if alive {
+            return false;
+        }
+        if self.forget(runtime) {
+            tracing::warn!(runtime = %runtime.id, "runtime container is gone; dropped it");
+            remove_container(self.adapter.as_ref(), runtime).await;
+        }
+        true
+    }
+
+    /// Inserts an adopted runtime (boot-time reconciliation).
+    fn adopt(&self, runtime: Runtime, container: String, endpoint: Option<Endpoint>) {
+        let _ = runtime.container.set(container);
+        if let Some(endpoint) = endpoint {
+            let _ = runtime.endpoint.set(endpoint);
+        }
+        runtime.phase.send_replace(Phase::Ready);
+        let id = runtime.id.clone();
+        if self.runtimes.insert(id, Arc::new(runtime)).is_none() {
+            self.count.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// The commands route: `bash -c <command>` in the runtime, its output returned.
+    pub async fn command(
+        &self,
+        runtime_id: &str,
+        command: &str,
+        timeout: Duration,
+    ) -> Result<String> {
+        const CAP: usize = 1_000_000;
+        let guard = self.acquire(runtime_id).ok_or(Error::RuntimeNotFound)?;
+        let container = guard
+            .runtime()
+            .container_id()
+            .ok_or(Error::RuntimeNotFound)?
+            .to_string();
+        let output = std::sync::Mutex::new(Vec::new());
+        let sink = |chunk: &[u8]| {
+            let mut out = match output.lock() {
+                Ok(out) => out,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            let room = CAP.saturating_sub(out.len());
+            out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        };
+        let cmd = ["bash".to_string(), "-c".to_string(), command.to_string()];
+        let exit = self.adapter.exec(&container, &cmd, timeout, &sink).await;
+        let text = match output.into_inner() {
+            Ok(out) => String::from_utf8_lossy(&out).into_owned(),
+            Err(poisoned) => String::from_utf8_lossy(&poisoned.into_inner()).into_owned(),
+        };
+        match exit {
+            Ok(exit) if exit.exit_code == 0 => Ok(text),
+            Ok(exit) => Err(Error::CommandFailed(format!(
+                "Command exited with code {}: {}",
+                exit.exit_code,
+                text.trim_end()
+            ))),
+            Err(hearth_adapters::Error::Timeout(_)) => Err(Error::CommandTimeout),
+            Err(hearth_adapters::Error::NotFound(_)) => Err(Error::RuntimeNotFound),
+            Err(err) => Err(Error::CommandFailed(err.to_string())),
+        }
+    }
+
+    /// Every runtime, for maintenance and shutdown.
+    pub fn snapshot(&self) -> Vec<Arc<Runtime>> {
+        self.runtimes.iter().map(|r| r.value().clone()).collect()
+    }
+
+    /// Total executions in flight.
+    pub fn in_flight_total(&self) -> usize {
+        self.runtimes.iter().map(|r| r.in_flight()).sum()
+    }
+}
+
+async fn remove_container(adapter: &dyn Adapter, runtime: &Runtime) {
+    if let Some(id) = runtime.container_id() {
+        match adapter.remove(id).await {
+            Ok(()) | Err(hearth_adapters::Error::NotFound(_)) => {}
+            Err(err) => {
+                tracing::warn!(runtime = %runtime.id, error = %err, "failed to remove runtime container")
+            }
+        }
+    }
+    if let Some(dir) = &runtime.logs_dir {
+        if let Some(parent) = dir.parent() {
+            let _ = tokio::fs::remove_dir_all(parent).await;
+        }
+    }
+}
+
+fn format_cpus(cpus: f64) -> String {
+    if cpus.fract() == 0.0 {
+        format!("{}", cpus as i64)
+    } else {
+        format!("{cpus}")
+    }
+}
+
+pub fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}
+
+pub fn random_hex(len: usize) -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (0..len)
+        .map(|_| char::from_digit(rng.random_range(0..16), 16).unwrap_or('0'))
+        .collect()
+}
