@@ -3,8 +3,11 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 RUNTIME_IMAGES := node python
+# `docker compose` where the user has it, else Debian's docker-compose v1.
+COMPOSE := $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+API := http://127.0.0.1:8080
 
-.PHONY: images base $(RUNTIME_IMAGES) hello test lint bench clean-test
+.PHONY: images base $(RUNTIME_IMAGES) executor-image up down hello test lint bench clean-test
 
 images: base $(RUNTIME_IMAGES)
 
@@ -16,6 +19,32 @@ node: base
 
 python: base
 	docker build -q -t hearth/python:v5-3.11 -f runtimes/python/Dockerfile runtimes
+
+executor-image: base
+	$(CARGO) build --release -q -p hearth-executor
+	docker build -q -t hearth/executor:latest -f executor/Dockerfile target/release
+
+# The stack: images, .env (a random OPR_EXECUTOR_SECRET once), the example staged in storage,
+# compose up, wait for health, print how to call it.
+up: images executor-image
+	@test -f .env || printf 'OPR_EXECUTOR_SECRET=%s\n' "$$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')" > .env
+	@grep -q '^HEARTH_RUNTIMES_DIR=' .env || printf 'HEARTH_RUNTIMES_DIR=%s\n' "$(CURDIR)/data/runtimes" >> .env
+	@mkdir -p data/storage/functions data/runtimes
+	@tar -C runtimes/node/example -czf data/storage/functions/hello.tar.gz .
+	@tar -C runtimes/python/example -czf data/storage/functions/hello-python.tar.gz .
+	$(COMPOSE) up -d
+	@for i in $$(seq 1 100); do curl -fsS $(API)/v1/health >/dev/null 2>&1 && break; sleep 0.2; done
+	@curl -fsS $(API)/v1/health >/dev/null || { echo "the executor did not become healthy"; $(COMPOSE) logs --tail 50; exit 1; }
+	@echo "Hearth is up: executor API at $(API) (secret in .env). Invoke the example:"
+	@echo "  curl -s -H \"Authorization: Bearer \$$(sed -n 's/^OPR_EXECUTOR_SECRET=//p' .env)\" -H 'Content-Type: application/json' \\"
+	@echo "    -d '{\"image\":\"hearth/node:v5-18\",\"source\":\"/storage/functions/hello.tar.gz\",\"entrypoint\":\"index.js\"}' \\"
+	@echo "    -H 'Accept: application/json' $(API)/v1/runtimes/hello/executions"
+
+# Removes everything `make up` started: the stack, its runtimes, its network.
+down:
+	-$(COMPOSE) stop
+	-docker ps -aq --filter label=hearth.executor=hearth-executor | xargs -r docker rm -f -v >/dev/null
+	-$(COMPOSE) down --remove-orphans
 
 # Build the images, build the Node example with the image's build step, run it, call it once.
 hello: images

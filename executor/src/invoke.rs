@@ -20,6 +20,18 @@ pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 /// Extra time the client waits beyond the function's own timeout (the runtime answers first).
 const GRACE: Duration = Duration::from_secs(5);
 
+/// Response headers that describe the runtime's connection, not the function's answer.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+    "trailer",
+    "proxy-connection",
+    "proxy-authenticate",
+];
+
 /// Headers the executor sets itself or that only make sense hop by hop.
 const SKIPPED_REQUEST_HEADERS: &[&str] = &[
     "host",
@@ -173,7 +185,7 @@ impl Invoker {
             let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
             if name == "x-open-runtimes-log-id" {
                 log_id = value;
-            } else if !name.starts_with("x-open-runtimes-") {
+            } else if !name.starts_with("x-open-runtimes-") && !HOP_BY_HOP.contains(&name) {
                 headers.push((name.to_string(), value));
             }
         }

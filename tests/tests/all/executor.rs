@@ -530,6 +530,12 @@ async fn executor_execution_shapes() -> Result<()> {
     )
     .await?;
     ensure!(reply["headers"]["x-one"] == "v", "{reply}");
+    for hop in ["connection", "keep-alive", "transfer-encoding"] {
+        ensure!(
+            reply["headers"].get(hop).is_none(),
+            "hop-by-hop {hop} returned: {reply}"
+        );
+    }
     ensure!(
         reply["headers"]
             .as_object()
