@@ -22,7 +22,8 @@ python: base
 
 executor-image: base
 	$(CARGO) build --release -q -p hearth-executor
-	docker build -q -t hearth/executor:latest -f executor/Dockerfile target/release
+	@mkdir -p target/images/executor && cp target/release/hearth-executor target/images/executor/
+	docker build -q -t hearth/executor:latest -f executor/Dockerfile target/images/executor
 
 # The stack: images, .env (a random OPR_EXECUTOR_SECRET once), the example staged in storage,
 # compose up, wait for health, print how to call it.
@@ -57,7 +58,7 @@ lint:
 test: images lint
 	$(CARGO) test --workspace -- --nocapture
 
-bench: images
+bench: images executor-image
 	$(CARGO) run --release -q -p hearth-tests --bin bench -- $(BENCH_ARGS)
 
 # Remove whatever a crashed test left behind (only what carries the test label).

@@ -6,7 +6,13 @@
 //! Runtimes sit on a bridge network the benchmark creates and are called by their address there,
 //! as an executor on that network calls them.
 //!
-//! Usage: `bench [--runtimes node,python] [--duration SECS] [--starts N]`
+//! Executor (`--executor`, on by default): the executor image in a container on the same network,
+//! so both paths are container to container: warm hello through the executor vs direct to the
+//! runtime (added p50/p99, requests/s at 32 connections), cold start through the executor vs the
+//! raw Docker time (create + start + first healthy) for the same image, and the executor's RSS
+//! with 50 warm runtimes.
+//!
+//! Usage: `bench [--runtimes node,python] [--duration SECS] [--starts N] [--executor true|false]`
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -22,6 +28,7 @@ struct Args {
     runtimes: Vec<RuntimeImage>,
     duration: u64,
     starts: usize,
+    executor: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -29,6 +36,7 @@ fn parse_args() -> Result<Args> {
         runtimes: runtime::ALL.to_vec(),
         duration: 5,
         starts: 10,
+        executor: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -37,6 +45,7 @@ fn parse_args() -> Result<Args> {
             "--runtimes" => {
                 args.runtimes = value
                     .split(',')
+                    .filter(|name| !name.is_empty())
                     .map(|name| {
                         runtime::ALL
                             .iter()
@@ -48,6 +57,7 @@ fn parse_args() -> Result<Args> {
             }
             "--duration" => args.duration = value.parse().context("--duration")?,
             "--starts" => args.starts = value.parse().context("--starts")?,
+            "--executor" => args.executor = value.parse().context("--executor")?,
             other => bail!("unknown flag {other}"),
         }
     }
@@ -62,17 +72,23 @@ struct Load {
     rps: f64,
 }
 
+/// wrk settings that call a runtime as the executor does.
+fn runtime_lua() -> String {
+    format!(
+        "wrk.method = \"GET\"\n\
+         wrk.headers[\"x-open-runtimes-secret\"] = \"{SECRET}\"\n\
+         wrk.headers[\"x-open-runtimes-timeout\"] = \"15\"\n\
+         wrk.headers[\"x-open-runtimes-logging\"] = \"enabled\"\n"
+    )
+}
+
 fn wrk(url: &str, connections: u32, duration: u64) -> Result<Load> {
-    let script = std::env::temp_dir().join("hearth-bench-headers.lua");
-    std::fs::write(
-        &script,
-        format!(
-            "wrk.method = \"GET\"\n\
-             wrk.headers[\"x-open-runtimes-secret\"] = \"{SECRET}\"\n\
-             wrk.headers[\"x-open-runtimes-timeout\"] = \"15\"\n\
-             wrk.headers[\"x-open-runtimes-logging\"] = \"enabled\"\n"
-        ),
-    )?;
+    wrk_with(url, connections, duration, &runtime_lua())
+}
+
+fn wrk_with(url: &str, connections: u32, duration: u64, lua: &str) -> Result<Load> {
+    let script = std::env::temp_dir().join(format!("hearth-bench-{}.lua", std::process::id()));
+    std::fs::write(&script, lua)?;
     let threads = connections.clamp(1, 2).to_string();
     let output = Command::new("wrk")
         .args([
@@ -215,13 +231,269 @@ async fn main() -> Result<()> {
     for rt in &args.runtimes {
         results.push(bench_runtime(*rt, &args, &network.name).await?);
     }
+    let executor = if args.executor {
+        Some(executor_bench::run(&args, &network.name).await?)
+    } else {
+        None
+    };
     let out_dir = runtime::repo_root().join("target").join("bench");
     std::fs::create_dir_all(&out_dir)?;
     let path = out_dir.join("results.json");
     std::fs::write(
         &path,
-        serde_json::to_string_pretty(&json!({"runtimes": results}))?,
+        serde_json::to_string_pretty(&json!({"runtimes": results, "executor": executor}))?,
     )?;
     println!("JSON: {}", path.display());
     Ok(())
+}
+
+mod executor_bench {
+    //! The executor's numbers, from the executor image run as a container on the bench network.
+
+    use super::*;
+    use hearth_tests::docker::Container;
+    use hearth_tests::executor::{remove_by_label, TempDir};
+
+    const EXECUTOR_SECRET: &str = "bench-executor-secret";
+
+    /// The executor container; its runtimes are removed with it.
+    struct ExecutorContainer {
+        container: Container,
+        name: String,
+        url: String,
+    }
+
+    impl Drop for ExecutorContainer {
+        fn drop(&mut self) {
+            // The runtimes first; the container guard then removes the executor itself.
+            remove_by_label(&format!("hearth.executor={}", self.name));
+        }
+    }
+
+    async fn start_executor(
+        network: &str,
+        storage: &std::path::Path,
+        runtimes: &std::path::Path,
+    ) -> Result<ExecutorContainer> {
+        let name = format!("hearth-bench-executor-{}", std::process::id());
+        let output = Command::new("docker")
+            .args(["create", "--label", "hearth.test=1", "--network", network])
+            .args(["-v", "/var/run/docker.sock:/var/run/docker.sock"])
+            .arg("-v")
+            .arg(format!("{}:/storage", storage.display()))
+            .arg("-v")
+            .arg(format!("{0}:{0}", runtimes.display()))
+            .args(["-e", &format!("OPR_EXECUTOR_SECRET={EXECUTOR_SECRET}")])
+            .args(["-e", &format!("OPR_EXECUTOR_NETWORK={network}")])
+            .args(["-e", &format!("OPR_EXECUTOR_NAME={name}")])
+            .args([
+                "-e",
+                &format!("OPR_EXECUTOR_RUNTIMES_DIR={}", runtimes.display()),
+            ])
+            .args(["-e", "OPR_EXECUTOR_LABELS=hearth.test=1"])
+            .args(["-e", "OPR_EXECUTOR_MAX_RUNTIMES=200"])
+            .args(["-e", "OPR_EXECUTOR_INACTIVE_THRESHOLD=3600"])
+            .arg("hearth/executor:latest")
+            .output()
+            .context("failed to create the executor container (make executor-image)")?;
+        if !output.status.success() {
+            bail!(
+                "docker create failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let id = String::from_utf8_lossy(&output.stdout).trim().to_string();
+        let docker = connect().await?;
+        let container = Container { docker, id };
+        container.start().await?;
+        let ip = container.ip_on(network).await?;
+        let url = format!("http://{ip}:80");
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while client.get(format!("{url}/v1/health")).send().await.is_err() {
+            if Instant::now() > deadline {
+                bail!(
+                    "executor not healthy: {}",
+                    container.output().await.unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(ExecutorContainer {
+            container,
+            name,
+            url,
+        })
+    }
+
+    /// CPU time a container has used (cgroup v1 or v2), in ns.
+    fn cpu_ns(id: &str) -> Option<u64> {
+        let v1 = format!("/sys/fs/cgroup/cpuacct/docker/{id}/cpuacct.usage");
+        if let Ok(text) = std::fs::read_to_string(v1) {
+            return text.trim().parse().ok();
+        }
+        let v2 = format!("/sys/fs/cgroup/system.slice/docker-{id}.scope/cpu.stat");
+        let text = std::fs::read_to_string(v2).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("usage_usec "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|us| us * 1000)
+    }
+
+    async fn execute(
+        client: &reqwest::Client,
+        url: &str,
+        runtime_id: &str,
+        params: &Value,
+    ) -> Result<Value> {
+        let res = client
+            .post(format!("{url}/v1/runtimes/{runtime_id}/executions"))
+            .bearer_auth(EXECUTOR_SECRET)
+            .header("accept", "application/json")
+            .json(params)
+            .send()
+            .await?;
+        let status = res.status();
+        let body: Value = res.json().await?;
+        if !status.is_success() || body["statusCode"] != 200 {
+            bail!("execution failed: {status} {body}");
+        }
+        Ok(body)
+    }
+
+    pub async fn run(args: &Args, network: &str) -> Result<Value> {
+        let rt = runtime::NODE;
+        let docker = connect().await?;
+        let dir = TempDir::new("hearth-bench")?;
+        let storage = dir.0.join("storage");
+        let runtimes = dir.0.join("runtimes");
+        std::fs::create_dir_all(storage.join("functions"))?;
+        std::fs::create_dir_all(&runtimes)?;
+        // The example, built once with the image's build step, staged as a storage archive.
+        let built =
+            runtime::build(&docker, rt.image, &example_dir(&rt), rt.example_entry, "").await?;
+        std::fs::write(storage.join("functions/hello.tar.gz"), &built.archive)?;
+        let executor = start_executor(network, &storage, &runtimes).await?;
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()?;
+        let params = json!({
+            "image": rt.image,
+            "source": "/storage/functions/hello.tar.gz",
+            "entrypoint": rt.example_entry,
+        });
+
+        // Cold starts through the executor (a new runtime each) vs raw Docker for the same image.
+        let mut cold = Vec::new();
+        for i in 0..args.starts {
+            let started = Instant::now();
+            execute(&client, &executor.url, &format!("cold-{i}"), &params).await?;
+            cold.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        let options = ServerOptions {
+            network: Some(network.to_string()),
+            ..ServerOptions::default()
+        }
+        .env("OPEN_RUNTIMES_SECRET", SECRET)
+        .env("OPEN_RUNTIMES_ENTRYPOINT", rt.example_entry);
+        let mut raw = Vec::new();
+        let mut raw_create = Vec::new();
+        for _ in 0..args.starts {
+            let started = Instant::now();
+            let container = runtime::prepare(&docker, rt.image, &built.archive, &options).await?;
+            raw_create.push(started.elapsed().as_secs_f64() * 1000.0);
+            container.start().await?;
+            let server = Server::attach(container, Some(network)).await?;
+            server.wait_healthy(Duration::from_secs(30)).await?;
+            raw.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        for v in [&mut cold, &mut raw, &mut raw_create] {
+            v.sort_by(f64::total_cmp);
+        }
+
+        // Warm overhead: the same hello, through the executor and direct to a runtime.
+        execute(&client, &executor.url, "warm", &params).await?;
+        let direct_server = Server::start(&docker, rt.image, &built.archive, &options).await?;
+        let direct_url = format!("{}/", direct_server.url);
+        let lua = format!(
+            "wrk.method = \"POST\"\n\
+             wrk.headers[\"authorization\"] = \"Bearer {EXECUTOR_SECRET}\"\n\
+             wrk.headers[\"accept\"] = \"application/json\"\n\
+             wrk.headers[\"content-type\"] = \"application/json\"\n\
+             wrk.body = '{{\"path\":\"/\"}}'\n"
+        );
+        let through_url = format!("{}/v1/runtimes/warm/executions", executor.url);
+        wrk_with(&through_url, 4, 1, &lua)?;
+        wrk(&direct_url, 4, 1)?;
+        let direct_1 = wrk(&direct_url, 1, args.duration)?;
+        let through_1 = wrk_with(&through_url, 1, args.duration, &lua)?;
+        let direct_32 = wrk(&direct_url, 32, args.duration)?;
+        let cpu_before = cpu_ns(&executor.container.id);
+        let through_32 = wrk_with(&through_url, 32, args.duration, &lua)?;
+        let cpu_after = cpu_ns(&executor.container.id);
+        let executor_cpu_us = match (cpu_before, cpu_after) {
+            (Some(a), Some(b)) => (b - a) as f64 / 1000.0 / (through_32.rps * args.duration as f64),
+            _ => f64::NAN,
+        };
+
+        // RSS with 50 warm runtimes (the cold-start ones and "warm" count).
+        let have = args.starts + 1;
+        for i in have..50 {
+            execute(&client, &executor.url, &format!("fill-{i}"), &params).await?;
+        }
+        let list: Value = client
+            .get(format!("{}/v1/runtimes", executor.url))
+            .bearer_auth(EXECUTOR_SECRET)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let warm = list.as_array().map(Vec::len).unwrap_or_default();
+        let (_, status, _) = executor.container.exec(&["cat", "/proc/1/status"]).await?;
+        let rss_kb: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .context("no VmRSS")?;
+
+        let added_p50 = through_1.p50_ms - direct_1.p50_ms;
+        let added_p99 = through_1.p99_ms - direct_1.p99_ms;
+        println!(
+            "executor (node hello)   warm 1 conn: direct p50 {:.3} ms p99 {:.3} ms | through executor p50 {:.3} ms p99 {:.3} ms | added p50 {:.3} ms p99 {:.3} ms",
+            direct_1.p50_ms, direct_1.p99_ms, through_1.p50_ms, through_1.p99_ms, added_p50, added_p99
+        );
+        println!(
+            "executor (node hello)   warm 32 conn: direct {:.0} req/s | through executor {:.0} req/s ({:.0} %), executor CPU {:.0} µs/request",
+            direct_32.rps,
+            through_32.rps,
+            100.0 * through_32.rps / direct_32.rps,
+            executor_cpu_us
+        );
+        println!(
+            "executor (node hello)   cold start: through executor p50 {:.0} ms max {:.0} ms | raw docker (create+start+healthy) p50 {:.0} ms (create {:.0} ms) | ratio {:.2}",
+            percentile(&cold, 50.0),
+            percentile(&cold, 100.0),
+            percentile(&raw, 50.0),
+            percentile(&raw_create, 50.0),
+            percentile(&cold, 50.0) / percentile(&raw, 50.0)
+        );
+        println!(
+            "executor                RSS with {warm} warm runtimes: {:.1} MB",
+            rss_kb / 1024.0
+        );
+        drop(direct_server);
+        drop(executor);
+        Ok(json!({
+            "warm_c1": {"direct_p50_ms": direct_1.p50_ms, "direct_p99_ms": direct_1.p99_ms,
+                "through_p50_ms": through_1.p50_ms, "through_p99_ms": through_1.p99_ms,
+                "added_p50_ms": added_p50, "added_p99_ms": added_p99},
+            "warm_c32": {"direct_rps": direct_32.rps, "through_rps": through_32.rps, "executor_cpu_us_per_request": executor_cpu_us},
+            "cold_start_ms": {"through_p50": percentile(&cold, 50.0), "through_max": percentile(&cold, 100.0),
+                "raw_docker_p50": percentile(&raw, 50.0), "raw_create_p50": percentile(&raw_create, 50.0),
+                "through_samples": cold, "raw_samples": raw},
+            "rss_mb_50_warm": rss_kb / 1024.0,
+            "warm_runtimes": warm,
+        }))
+    }
 }
