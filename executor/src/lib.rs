@@ -65,6 +65,10 @@ pub async fn run(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let maintenance = tokio::spawn(executor.clone().maintenance_loop(stop_rx));
     let app = api::router(executor.clone());
+    // Replies are written whole; do not let Nagle hold the last segment back.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |stream| {
+        let _ = stream.set_nodelay(true);
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await?;

@@ -813,3 +813,187 @@ pub fn random_hex(len: usize) -> String {
         .map(|_| char::from_digit(rng.random_range(0..16), 16).unwrap_or('0'))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    //! The lifecycle against the recording fake adapter: what the executor asks of the platform.
+
+    use super::*;
+    use hearth_adapters::fake::{Call, FakeAdapter};
+
+    fn executor(fake: Arc<FakeAdapter>) -> (Arc<Executor>, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("hearth-unit-{}", random_hex(8)));
+        let mut config = Config::for_tests("secret", dir.join("storage"), dir.join("runtimes"));
+        config.name = "unit".to_string();
+        config.max_runtimes = 2;
+        let storage = Storage::open(&config.storage, &config.storage_root).unwrap();
+        let root = config.storage_root.canonicalize().unwrap();
+        (
+            Arc::new(Executor::new(config, fake, storage, "unit".to_string())),
+            root,
+        )
+    }
+
+    #[tokio::test]
+    async fn create_starts_a_labelled_container_with_the_source_and_secret() {
+        let fake = Arc::new(FakeAdapter::new());
+        let (ex, root) = executor(fake.clone());
+        std::fs::create_dir_all(root.join("functions")).unwrap();
+        std::fs::write(root.join("functions/f.tar.gz"), b"archive").unwrap();
+        let mut params = RuntimeParams::new("rt-1", "hearth/node:v5-18");
+        params.source = root.join("functions/f.tar.gz").display().to_string();
+        params.variables = vec![
+            ("OPEN_RUNTIMES_SECRET".into(), "user-value".into()),
+            ("A".into(), "1".into()),
+        ];
+        ex.create(params.clone()).await.unwrap();
+
+        let runtime = ex.get("rt-1").unwrap();
+        let id = runtime.container_id().unwrap().to_string();
+        let spec = fake.spec(&id).unwrap();
+        assert_eq!(spec.name, "unit-rt-1");
+        assert_eq!(
+            spec.labels.get(EXECUTOR_LABEL).map(String::as_str),
+            Some("unit")
+        );
+        assert_eq!(
+            spec.labels.get("hearth.test").map(String::as_str),
+            Some("1")
+        );
+        // System variables win over the user's, and appear once.
+        let secrets: Vec<_> = spec
+            .env
+            .iter()
+            .filter(|(k, _)| k == "OPEN_RUNTIMES_SECRET")
+            .collect();
+        assert_eq!(secrets.len(), 1);
+        assert_ne!(secrets[0].1, "user-value");
+        assert!(spec.env.contains(&("A".to_string(), "1".to_string())));
+        assert_eq!(fake.file(&id, "/tmp/code.tar.gz").unwrap(), "archive");
+        assert_eq!(spec.pids_limit, 1024);
+
+        // The same id again: conflict, nothing new created.
+        let err = ex.create(params).await.unwrap_err();
+        assert!(matches!(err, Error::RuntimeConflict));
+        let creates = fake
+            .calls()
+            .iter()
+            .filter(|c| matches!(c, Call::Create { .. }))
+            .count();
+        assert_eq!(creates, 1);
+
+        ex.delete("rt-1").await.unwrap();
+        assert!(fake
+            .calls()
+            .iter()
+            .any(|c| matches!(c, Call::Remove { .. })));
+        assert!(matches!(
+            ex.delete("rt-1").await,
+            Err(Error::RuntimeNotFound)
+        ));
+        assert!(ex.list().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_failed_build_leaves_nothing_behind() {
+        let fake = Arc::new(FakeAdapter::new());
+        fake.on_exec(|_| (2, b"compiling...\r\nfailed\r\n".to_vec()));
+        let (ex, _) = executor(fake.clone());
+        let mut params = RuntimeParams::new("b-1", "hearth/node:v5-18");
+        params.command = "npm install".to_string();
+        let err = ex.create(params).await.unwrap_err();
+        let Error::BuildFailed(message) = err else {
+            panic!("{err:?}")
+        };
+        assert!(message.contains("compiling...\nfailed"), "{message}");
+        assert!(
+            message.ends_with("Build command exited with code 2."),
+            "{message}"
+        );
+        assert!(ex.list().is_empty());
+        assert!(fake.names().is_empty(), "{:?}", fake.names());
+        let exec = fake.calls().into_iter().find_map(|c| match c {
+            Call::Exec { cmd, .. } => Some(cmd),
+            _ => None,
+        });
+        assert_eq!(exec.unwrap()[0], "script");
+    }
+
+    #[tokio::test]
+    async fn a_successful_build_stores_its_artifact() {
+        let fake = Arc::new(FakeAdapter::new());
+        let (ex, root) = executor(fake.clone());
+        let fake_for_exec = fake.clone();
+        fake.on_exec(move |_| {
+            for name in fake_for_exec.names() {
+                fake_for_exec.set_file(&name, "/mnt/code/code.tar.gz", "built");
+            }
+            (0, b"Build finished.\n".to_vec())
+        });
+        let mut params = RuntimeParams::new("b-2", "hearth/node:v5-18");
+        params.command = "build".to_string();
+        params.destination = root.join("builds").display().to_string();
+        params.remove = true;
+        let report = ex.create(params).await.unwrap().unwrap();
+        let path = report.path.unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"built");
+        assert_eq!(report.size, Some(5));
+        assert!(ex.list().is_empty(), "remove: true keeps nothing");
+        assert!(fake.names().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_limit_evicts_the_idlest_and_refuses_when_all_are_busy() {
+        let fake = Arc::new(FakeAdapter::new());
+        let (ex, _) = executor(fake.clone());
+        ex.create(RuntimeParams::new("one", "img")).await.unwrap();
+        ex.create(RuntimeParams::new("two", "img")).await.unwrap();
+        // Both busy: a third is refused.
+        let busy_one = ex.acquire("one").unwrap();
+        let busy_two = ex.acquire("two").unwrap();
+        let err = ex
+            .create(RuntimeParams::new("three", "img"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::RuntimeLimit(_)), "{err:?}");
+        // One idle again: it makes room, the busy one stays.
+        drop(busy_one);
+        ex.create(RuntimeParams::new("three", "img")).await.unwrap();
+        assert!(ex.get("one").is_none());
+        assert!(ex.get("two").is_some());
+        assert_eq!(ex.warm(), 2);
+        drop(busy_two);
+    }
+
+    #[tokio::test]
+    async fn the_reaper_skips_busy_runtimes_and_adoption_restores_the_table() {
+        let fake = Arc::new(FakeAdapter::new());
+        let (ex, _) = executor(fake.clone());
+        ex.create(RuntimeParams::new("busy", "img")).await.unwrap();
+        ex.create(RuntimeParams::new("idle", "img")).await.unwrap();
+        let guard = ex.acquire("busy").unwrap();
+        for runtime in ex.snapshot() {
+            runtime.updated_ms.store(0, Ordering::Relaxed);
+        }
+        ex.maintain().await;
+        assert!(ex.get("busy").is_some(), "a busy runtime was reaped");
+        assert!(ex.get("idle").is_none(), "an idle runtime was kept");
+        drop(guard);
+        // The reaped container is removed in the background.
+        for _ in 0..100 {
+            if fake.names().len() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(fake.names().len(), 1);
+
+        // A new executor over the same platform adopts the running container.
+        let (again, _) = executor(fake.clone());
+        let (adopted, removed) = again.adopt_at_boot().await.unwrap();
+        assert_eq!((adopted, removed), (1, 0));
+        let runtime = again.get("busy").unwrap();
+        assert!(!runtime.is_pending());
+        assert_eq!(runtime.secret, ex.get("busy").unwrap().secret);
+    }
+}

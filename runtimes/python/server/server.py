@@ -1,8 +1,15 @@
-"""Hearth Python runtime server: Open Runtimes protocol v5 (and legacy v2) on asyncio + aiohttp.
+"""Hearth Python runtime server: Open Runtimes protocol v5 (and legacy v2) on asyncio (uvloop).
 
-Run by the system python3 (Debian's aiohttp); the function's venv
-(`src/function/runtime-env`, built by helpers/build.sh) is put on `sys.path` for the user code only
-after the server's own imports, so a function pinning other versions cannot break the server.
+Run by the system python3; the function's venv (`src/function/runtime-env`, built by
+helpers/build.sh) is put on `sys.path` for the user code only after the server's own imports, so a
+function pinning other versions cannot break the server.
+
+Start time matters (every cold start waits for it): the server imports only asyncio, uvloop and
+httptools (Debian's C HTTP/1.1 parser) before it listens. aiohttp took ~250 ms to import (client,
+multipart, cookies...) for the few parts a server without a router needs; the small HTTP/1.1 layer
+here (`HttpProtocol`) does keep-alive, pipelining, chunked request bodies, `Expect: 100-continue`,
+gzip/deflate request bodies, HEAD, and the 20 MiB body limit (413). Modules that only a request
+needs (json, hmac, zlib...) are imported on first use.
 
 Layout of this file:
 - configuration read once at start (secret, enforced headers, entrypoint, mode);
@@ -11,30 +18,25 @@ Layout of this file:
   the request running in the current context (a ContextVar, which also flows into the thread
   pool), or to the real stream outside a request;
 - `Request`/`Response`/`Context`: the `context` API given to `main(context)`;
-- `handle_v5` / `handle_v2`: the per-request steps of runtime-protocol.md §2 / §3;
-- `main()`: binds 0.0.0.0:3000 with aiohttp's low-level server (no router: every path is the
-  function) and prints the startup line.
+- `handle_v5` / `handle_v2`: the per-request steps of runtime-protocol.md §2 / §3; each returns
+  `(status, [(header, value)...], body bytes)`;
+- `HttpProtocol`: HTTP/1.1 on an asyncio Protocol (every path is the function);
+- `main()`: binds 0.0.0.0:3000 and prints the startup line.
 """
 
 import asyncio
 import concurrent.futures
 import contextvars
-import hmac
 import importlib
 import inspect
-import json
 import os
 import signal
-import site
 import sys
 import time
-import traceback
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from random import getrandbits
 
-from aiohttp import web
-from aiohttp.web_request import BaseRequest
-from multidict import CIMultiDict
+from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 SERVER_FILES = (__file__, os.path.abspath(__file__))
 FUNCTION_ROOT = "/usr/local/server/src"
@@ -58,11 +60,17 @@ V2_KEY = os.environ.get("INTERNAL_RUNTIME_KEY", "")
 
 
 def _stringify_header(value):
+    import json
+
     return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
 def _enforced_headers():
-    raw = os.environ.get("OPEN_RUNTIMES_HEADERS", "") or "{}"
+    raw = (os.environ.get("OPEN_RUNTIMES_HEADERS", "") or "{}").strip()
+    if raw == "{}":
+        return {}
+    import json
+
     try:
         parsed = json.loads(raw)
     except ValueError:
@@ -98,7 +106,8 @@ def new_log_id():
     + 7 random hex."""
     now = time.time()
     seconds = int(now)
-    return "%08x%05x%07x" % (seconds, int((now - seconds) * 1_000_000) % 1_000_000, getrandbits(28))
+    rand = int.from_bytes(os.urandom(4), "little") & 0xFFFFFFF
+    return "%08x%05x%07x" % (seconds, int((now - seconds) * 1_000_000) % 1_000_000, rand)
 
 
 def _safe_log_id(given):
@@ -112,7 +121,11 @@ def _format_value(value):
     if isinstance(value, str):
         return value
     if isinstance(value, BaseException):
+        import traceback
+
         return "".join(traceback.format_exception(value))
+    import json
+
     try:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
     except (TypeError, ValueError):
@@ -230,6 +243,8 @@ class Request:
 
     @property
     def body_json(self):
+        import json
+
         return json.loads(self.body_text)
 
     @property
@@ -256,6 +271,8 @@ def _to_bytes(body):
         return body.encode("utf-8")
     if body is None:
         return b""
+    import json
+
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
@@ -276,6 +293,8 @@ class Response:
     def json(self, obj, statusCode=200, headers=None):
         headers = dict(headers or {})
         headers["content-type"] = "application/json"
+        import json
+
         body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         return {"body": body, "statusCode": statusCode, "headers": headers}
 
@@ -329,6 +348,8 @@ def _short_traceback(err):
         first = first.tb_next
     # No user frame at all (e.g. a SyntaxError, which names its file and line itself): no stack.
     err = err.with_traceback(first)
+    import traceback
+
     return "".join(traceback.format_exception(err))
 
 
@@ -421,8 +442,7 @@ def _parse_url(request, scheme):
 
 def _request_headers(raw_headers):
     headers = {}
-    for key, value in raw_headers.items():
-        key = key.lower()
+    for key, value in raw_headers:
         if key.startswith(HIDDEN_PREFIX):
             continue
         if key in headers:
@@ -433,64 +453,81 @@ def _request_headers(raw_headers):
     return headers
 
 
+def _compare_digest(a, b):
+    import hmac
+
+    return hmac.compare_digest(a, b)
+
+
+TEXT_PLAIN = "text/plain; charset=utf-8"
+
+
 def _build_response(output, log_id):
     if not isinstance(output, dict):
         raise TypeError("main must return a context.res response, got %s" % type(output).__name__)
     body = _to_bytes(output.get("body", b""))
     status = int(output.get("statusCode", 200))
-    headers = CIMultiDict()
+    if not 100 <= status <= 999:
+        raise ValueError("statusCode must be between 100 and 999, got %d" % status)
+    headers = []
     content_type = None
     for key, value in (output.get("headers") or {}).items():
         key = str(key).lower()
-        if key.startswith(HIDDEN_PREFIX):
+        if key.startswith(HIDDEN_PREFIX) or key in _FRAMING_HEADERS:
             continue
         if key == "content-type":
             content_type = str(value).lower()
             continue
         if isinstance(value, (list, tuple)):
             for item in value:
-                headers.add(key, str(item))
+                headers.append((key, str(item)))
         else:
-            headers[key] = value if isinstance(value, str) else _stringify_header(value)
+            headers.append((key, value if isinstance(value, str) else _stringify_header(value)))
     if not content_type:
         content_type = "text/plain"
     if not content_type.startswith("multipart/") and "charset=" not in content_type:
         content_type += "; charset=utf-8"
-    headers["content-type"] = content_type
-    headers["x-open-runtimes-log-id"] = log_id
-    return web.Response(body=body, status=status, headers=headers)
+    headers.append(("content-type", content_type))
+    headers.append(("x-open-runtimes-log-id", log_id))
+    for key, value in headers:
+        if "\r" in key or "\n" in key or "\r" in value or "\n" in value or ":" in key or not key:
+            raise ValueError("Invalid response header %r: %r" % (key, value))
+    return status, headers, body
 
 
 def _empty(status, log_id):
-    return web.Response(status=status, headers={"x-open-runtimes-log-id": log_id})
+    return status, [("x-open-runtimes-log-id", log_id)], b""
+
+
+def _log_id_of(h):
+    """The log id of a request (v5): "" when logging is disabled."""
+    logging_mode = h.get("x-open-runtimes-logging", "")
+    if not (logging_mode == "" or logging_mode.lower() == "enabled"):
+        return ""
+    return _safe_log_id(h.get("x-open-runtimes-log-id", "")) or ("dev" if DEVELOPMENT else new_log_id())
 
 
 async def handle_v5(request):
     h = request.headers
-    logging_mode = h.get("x-open-runtimes-logging", "")
-    enabled = logging_mode == "" or logging_mode.lower() == "enabled"
-    log_id = ""
-    if enabled:
-        log_id = _safe_log_id(h.get("x-open-runtimes-log-id", "")) or ("dev" if DEVELOPMENT else new_log_id())
-    logger = Logger(enabled, log_id)
+    log_id = _log_id_of(h)
+    logger = Logger(log_id != "", log_id)
 
     timeout = h.get("x-open-runtimes-timeout", "")
     if timeout:
         if not (timeout.isascii() and timeout.isdigit()) or int(timeout) == 0:
-            return web.Response(status=500, text=TIMEOUT_MESSAGE, headers={"x-open-runtimes-log-id": log_id})
+            return 500, [("content-type", TEXT_PLAIN), ("x-open-runtimes-log-id", log_id)], TIMEOUT_MESSAGE.encode()
         timeout = int(timeout)
     else:
         timeout = None
 
-    if SECRET and not hmac.compare_digest(h.get("x-open-runtimes-secret", "").encode(), SECRET):
-        return web.Response(status=500, text=UNAUTHORIZED_MESSAGE, headers={"x-open-runtimes-log-id": log_id})
+    if SECRET and not _compare_digest(h.get("x-open-runtimes-secret", "").encode(), SECRET):
+        return 500, [("content-type", TEXT_PLAIN), ("x-open-runtimes-log-id", log_id)], UNAUTHORIZED_MESSAGE.encode()
 
     try:
-        body = await request.read() if request.body_exists else b""
         req = Request()
-        req.body_binary = body
+        req.body_binary = request.body
         req.method = request.method
-        req.headers = _request_headers(h)
+        req.headers = _request_headers(request.header_list)
         req.scheme = h.get("x-forwarded-proto", "http")
         req.path, req.query_string, req.query, req.host, req.port, req.url = _parse_url(request, req.scheme)
         context = Context(req, logger)
@@ -522,9 +559,6 @@ async def handle_v5(request):
         except Exception as err:
             logger.entry([_short_traceback(err)], errors=True)
             return _empty(500, log_id)
-    except web.HTTPException as err:  # 413 from the body limit
-        err.headers["x-open-runtimes-log-id"] = log_id
-        return err
     finally:
         logger.flush()
 
@@ -559,30 +593,31 @@ class V2Response:
 
 
 V2_ENTRYPOINT = os.environ.get("INTERNAL_RUNTIME_ENTRYPOINT", "") or ENTRYPOINT
+JSON_HEADERS = [("content-type", "application/json")]
 
 
 def _v2_reply(status, response, capture, extra_error=""):
+    import json
+
     stderr = "".join(capture.stderr) + extra_error
     body = {"response": response, "stdout": "".join(capture.stdout), "stderr": stderr}
-    return web.Response(
-        status=status,
-        body=json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8"),
-        content_type="application/json",
-    )
+    if not 100 <= status <= 999:
+        status = 500
+    return status, JSON_HEADERS, json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 async def handle_v2(request):
     challenge = request.headers.get("x-internal-challenge", "")
-    if not hmac.compare_digest(challenge.encode(), V2_KEY.encode()):
-        return web.Response(status=500, body=b'{"stderr":"Unauthorized"}', content_type="application/json")
+    if not _compare_digest(challenge.encode(), V2_KEY.encode()):
+        return 500, JSON_HEADERS, b'{"stderr":"Unauthorized"}'
     capture = V2Capture()
     try:
-        raw = await request.read() if request.body_exists else b""
+        import json
+
+        raw = request.body
         data = json.loads(raw) if raw.strip() else {}
         if not isinstance(data, dict):
             raise ValueError("the v2 request body must be a JSON object")
-    except web.HTTPException:
-        raise
     except ValueError as err:
         return _v2_reply(500, "", capture, "Invalid request body: %s\n" % err)
 
@@ -610,33 +645,289 @@ async def handle_v2(request):
     return _v2_reply(res.status, res.response, capture)
 
 
-# --- server -----------------------------------------------------------------------------------
+# --- HTTP/1.1 ---------------------------------------------------------------------------------
+
+TEXT_HEADERS = [("content-type", TEXT_PLAIN)]
+HEALTH_REPLY = (200, TEXT_HEADERS, b"OK")
+
 
 async def dispatch(request):
     path = request.raw_path
     if path.startswith("/__opr/"):
         path = path.partition("?")[0]
         if path == "/__opr/health":
-            return web.Response(text="OK")
+            return HEALTH_REPLY
         if path == "/__opr/timings":
             try:
                 with open(TIMINGS_FILE, "r", encoding="utf-8") as f:
                     timings = f.read()
             except OSError:
                 timings = ""
-            return web.Response(text=timings)
+            return 200, TEXT_HEADERS, timings.encode("utf-8")
     return await (handle_v2(request) if V2_KEY else handle_v5(request))
 
 
-def _make_request(server):
-    def factory(message, payload, protocol, writer, task):
-        return BaseRequest(message, payload, protocol, writer, task, server._loop, client_max_size=MAX_BODY)
+# Set by the server, never taken from the function's headers.
+_FRAMING_HEADERS = frozenset(("content-length", "transfer-encoding", "connection", "keep-alive", "upgrade"))
+# Statuses that never carry a body nor a content-length (RFC 9110 §8.6).
+_NO_BODY_STATUS = frozenset((204, 304))
+_REASONS = {}
+_DATE = [0, b""]
 
-    return factory
+
+def _reason(status):
+    reason = _REASONS.get(status)
+    if reason is None:
+        from http import HTTPStatus
+
+        try:
+            reason = HTTPStatus(status).phrase
+        except ValueError:
+            reason = "Unknown"
+        _REASONS[status] = reason
+    return reason
+
+
+def _date_header():
+    now = int(time.time())
+    if now != _DATE[0]:
+        _DATE[0] = now
+        _DATE[1] = time.strftime("date: %a, %d %b %Y %H:%M:%S GMT\r\n", time.gmtime(now)).encode()
+    return _DATE[1]
+
+
+class HttpRequest:
+    """What the handlers read of a request: method, raw_path, headers (first value of each
+    lower-cased name), header_list (every (name, value), lower-cased names) and body."""
+
+    __slots__ = ("method", "raw_path", "headers", "header_list", "body", "keep_alive", "http10")
+
+
+class HttpProtocol(asyncio.Protocol):
+    """One connection: requests are parsed by httptools, answered one after the other in order
+    (a pipelined request waits for the previous answer), each by `dispatch` in a task of its own
+    connection."""
+
+    __slots__ = (
+        "transport", "parser", "url", "header_list", "body", "body_size", "queue", "task",
+        "paused", "closed", "discard", "upgrade",
+    )
+
+    def __init__(self):
+        self.transport = None
+        self.parser = HttpRequestParser(self)
+        self.url = b""
+        self.header_list = []
+        self.body = []
+        self.body_size = 0
+        self.queue = deque()
+        self.task = None
+        self.paused = False
+        self.closed = False
+        self.discard = False
+        self.upgrade = False
+
+    # -- asyncio callbacks --
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def connection_lost(self, exc):
+        self.closed = True
+        self.queue.clear()
+        if self.task is not None:
+            self.task.cancel()  # the client is gone: so is its request
+
+    def data_received(self, data):
+        if self.discard:
+            return
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade:
+            # A request asking to switch protocols was answered as a plain request: parsing
+            # stops there, so the connection closes after the answer.
+            self.discard = True
+            self.upgrade = True
+            if self.task is None and not self.queue:
+                self.transport.close()
+        except HttpParserError:
+            self._reject(400, "Bad Request")
+
+    # -- httptools callbacks --
+
+    def on_message_begin(self):
+        self.url = b""
+        self.header_list = []
+        self.body = []
+        self.body_size = 0
+
+    def on_url(self, url):
+        self.url += url
+
+    def on_header(self, name, value):
+        self.header_list.append((name.decode("latin-1").lower(), value.decode("utf-8", "surrogateescape")))
+
+    def on_headers_complete(self):
+        if self.discard:
+            return
+        length = None
+        expect = None
+        for name, value in self.header_list:
+            if name == "content-length":
+                length = value
+            elif name == "expect":
+                expect = value
+        if length is not None and length.strip().isdigit() and int(length) > MAX_BODY:
+            self._reject(413, "Request Entity Too Large")
+        elif expect is not None and expect.lower() == "100-continue" and self.parser.get_http_version() == "1.1":
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, chunk):
+        if self.discard:
+            return
+        self.body_size += len(chunk)
+        if self.body_size > MAX_BODY:
+            self._reject(413, "Request Entity Too Large")
+        else:
+            self.body.append(chunk)
+
+    def on_message_complete(self):
+        if self.discard:
+            return
+        request = HttpRequest()
+        request.method = self.parser.get_method().decode("latin-1")
+        request.raw_path = self.url.decode("utf-8", "surrogateescape")
+        header_list = request.header_list = self.header_list
+        headers = {}
+        for name, value in header_list:
+            if name not in headers:
+                headers[name] = value
+        request.headers = headers
+        body = self.body
+        request.body = body[0] if len(body) == 1 else b"".join(body)
+        request.keep_alive = self.parser.should_keep_alive()
+        request.http10 = self.parser.get_http_version() == "1.0"
+        self.body = []
+        encoding = headers.get("content-encoding")
+        if encoding is not None and request.body:
+            try:
+                request.body = _decompress(request.body, encoding.strip().lower())
+            except _TooLarge:
+                self._reject(413, "Request Entity Too Large")
+                return
+            except Exception:
+                self._reject(400, "Can not decode content-encoding: %s" % encoding)
+                return
+        self.queue.append(request)
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self._serve())
+        elif len(self.queue) > 16 and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+
+    # -- answering --
+
+    def _reject(self, status, message):
+        """Answers `status` after the requests before it, then closes: the rest of what the client
+        sends is dropped (the body of a 413 is not worth reading)."""
+        self.discard = True
+        headers = [("content-type", TEXT_PLAIN)]
+        if status == 413 and not V2_KEY:
+            log_id = _log_id_of(dict(self.header_list[::-1]))
+            headers.append(("x-open-runtimes-log-id", log_id))
+        self.queue.append((status, headers, message.encode()))
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self._serve())
+
+    async def _serve(self):
+        queue = self.queue
+        try:
+            while queue:
+                request = queue.popleft()
+                if isinstance(request, tuple):  # an answer to send before closing
+                    self._write(request[0], request[1] + [("connection", "close")], request[2], False)
+                    self._close_later()
+                    return
+                try:
+                    status, headers, body = await dispatch(request)
+                except Exception:
+                    import traceback
+
+                    traceback.print_exc(file=sys.__stderr__)
+                    status, headers, body = 500, TEXT_HEADERS, b"Internal Server Error"
+                if self.closed:
+                    return
+                keep_alive = request.keep_alive and not (self.upgrade and not queue)
+                if not keep_alive:
+                    headers = headers + [("connection", "close")]
+                elif request.http10:
+                    headers = headers + [("connection", "keep-alive")]
+                self._write(status, headers, body, request.method == "HEAD")
+                if not keep_alive:
+                    self.transport.close()
+                    return
+                if self.paused and len(queue) <= 4:
+                    self.paused = False
+                    self.transport.resume_reading()
+        finally:
+            self.task = None
+
+    def _write(self, status, headers, body, head):
+        parts = ["HTTP/1.1 %d %s\r\n" % (status, _reason(status))]
+        for key, value in headers:
+            parts.append(key + ": " + value + "\r\n")
+        if status in _NO_BODY_STATUS or status < 200:
+            body = b""
+        else:
+            parts.append("content-length: %d\r\n" % len(body))
+            if head:
+                body = b""
+        data = "".join(parts).encode("utf-8") + _date_header() + b"\r\n"
+        if len(body) < 65536:
+            self.transport.write(data + body)
+        else:
+            self.transport.write(data)
+            self.transport.write(body)
+
+    def _close_later(self):
+        # Give the client a moment to read the answer before the connection (and what it still
+        # sends) goes: closing at once could reset the connection under the unread answer.
+        transport = self.transport
+        try:
+            transport.write_eof()
+        except (OSError, RuntimeError, NotImplementedError):
+            pass
+        asyncio.get_running_loop().call_later(2.0, transport.close)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _decompress(body, encoding):
+    """gzip / deflate request bodies are inflated (as aiohttp did); others stay as they are."""
+    if encoding in ("gzip", "x-gzip"):
+        wbits = 16 + 15
+    elif encoding == "deflate":
+        wbits = 15 if body[:1] and (body[0] & 0x0F) == 8 else -15  # zlib header or raw deflate
+    else:
+        return body
+    import zlib
+
+    inflater = zlib.decompressobj(wbits)
+    out = inflater.decompress(body, MAX_BODY + 1)
+    if len(out) > MAX_BODY or inflater.unconsumed_tail:
+        raise _TooLarge()
+    return out + inflater.flush()
+
+
+# --- server -----------------------------------------------------------------------------------
 
 
 def _use_function_packages():
     """After the server's imports: user code sees its venv first, then the function folder."""
+    import site
+
     version = "python%d.%d" % sys.version_info[:2]
     site_packages = os.path.join(VENV_DIR, "lib", version, "site-packages")
     before = list(sys.path)
@@ -648,22 +939,20 @@ def _use_function_packages():
 
 async def serve():
     loop = asyncio.get_running_loop()
-    server = web.Server(dispatch, access_log=None)
-    server.request_factory = _make_request(server)
-    listener = await loop.create_server(server, "0.0.0.0", 3000, reuse_address=True, backlog=1024)
+    listener = await loop.create_server(HttpProtocol, "0.0.0.0", 3000, reuse_address=True, backlog=1024)
     print("HTTP server successfully started!", flush=True)
     # The server is PID 1 of its container, where SIGTERM has no default action: handle it, so
     # `docker stop` ends the container at once instead of after its kill timeout.
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # What only requests need, once the server listens (the first request would pay for it).
+    _use_function_packages()
     await stop.wait()
     listener.close()
-    await server.shutdown(1.0)
 
 
 def main():
-    _use_function_packages()
     sys.stdout = _NativeStream(sys.stdout, errors=False)
     sys.stderr = _NativeStream(sys.stderr, errors=True)
     try:
