@@ -38,6 +38,8 @@ pub struct Options {
     pub max_runtimes: usize,
     /// Reuse a storage folder (to restart an executor over the same state).
     pub storage: Option<PathBuf>,
+    /// `OPR_EXECUTOR_CONNECTION_STORAGE` (default: local storage).
+    pub storage_dsn: Option<String>,
 }
 
 impl Options {
@@ -48,6 +50,7 @@ impl Options {
             maintenance_interval: 30,
             max_runtimes: 100,
             storage: None,
+            storage_dsn: None,
         }
     }
 }
@@ -93,6 +96,9 @@ impl TestExecutor {
         config.inactive_threshold = options.inactive_threshold;
         config.maintenance_interval = options.maintenance_interval;
         config.max_runtimes = options.max_runtimes;
+        if let Some(dsn) = &options.storage_dsn {
+            config.storage = dsn.clone();
+        }
         let adapter = DockerAdapter::connect(DockerOptions {
             addressing: Addressing::Published,
             call_timeout: Duration::from_secs(60),

@@ -898,3 +898,110 @@ async fn executor_runtime_limit() -> Result<()> {
     );
     Ok(())
 }
+
+/// A local S3-compatible server (moto, `pip install "moto[server]"`) on 127.0.0.1, stopped on drop.
+struct S3Server {
+    child: std::process::Child,
+    url: String,
+}
+
+impl S3Server {
+    async fn start() -> Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = std::process::Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("moto_server is missing: pip install \"moto[server]\"")?;
+        let server = Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while reqwest::get(&server.url).await.is_err() {
+            ensure!(Instant::now() < deadline, "moto_server did not start");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(server)
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn executor_s3_storage() -> Result<()> {
+    let s3 = S3Server::start().await?;
+    let client = reqwest::Client::new();
+    let bucket = format!("{}/hearth-test", s3.url);
+    ensure!(
+        client.put(&bucket).send().await?.status().is_success(),
+        "bucket"
+    );
+    // The source goes into the bucket; the executor reads it from there.
+    let staging = TestExecutor::start(Options::named("s3-staging")).await?;
+    let local = staging.stage_source(&fixture_dir("executor"), "fixture")?;
+    let res = client
+        .put(format!("{bucket}/functions/fixture.tar.gz"))
+        .body(std::fs::read(&local)?)
+        .send()
+        .await?;
+    ensure!(res.status().is_success(), "upload: {}", res.status());
+
+    let mut options = Options::named("s3");
+    let host = s3.url.trim_start_matches("http://");
+    options.storage_dsn = Some(format!(
+        "s3://key:secret@{host}/hearth-test?region=us-east-1&insecure=true"
+    ));
+    let ex = TestExecutor::start(options).await?;
+    let res = ex
+        .post("/v1/runtimes")
+        .json(&json!({
+            "runtimeId": "s3-build",
+            "image": NODE,
+            "source": "/functions/fixture.tar.gz",
+            "destination": "/builds",
+            "entrypoint": "index.js",
+            "command": "tar -zxf /tmp/code.tar.gz -C /mnt/code && bash helpers/build.sh \"\"",
+            "remove": true,
+        }))
+        .send()
+        .await?;
+    let (status, report) = json_reply(res).await?;
+    ensure!(status == 201, "build from S3: {status} {report}");
+    let path = report["path"].as_str().context("no path")?.to_string();
+    ensure!(
+        path.starts_with("/builds/") && path.ends_with(".gz"),
+        "{path}"
+    );
+    let stored = client.get(format!("{bucket}{path}")).send().await?;
+    ensure!(stored.status().is_success(), "artifact not in the bucket");
+    ensure!(
+        stored.bytes().await?.len() as u64 == report["size"],
+        "artifact size"
+    );
+
+    let reply = execute(&ex, "s3-fn", fixture_params(&path, "hello")).await?;
+    ensure!(reply["body"] == "Hello from Hearth", "{reply}");
+    let res = ex
+        .post("/v1/runtimes/s3-missing/executions")
+        .json(&fixture_params("/functions/none.tar.gz", "hello"))
+        .send()
+        .await?;
+    let body = expect_error(res, 400, "runtime_failed").await?;
+    ensure!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not found"),
+        "{body}"
+    );
+    Ok(())
+}
