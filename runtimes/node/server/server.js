@@ -55,26 +55,25 @@ try {
 // Log ids: 20 characters of [a-z0-9] from a pool refilled from /dev/urandom (one read per 204
 // ids; reading the device directly avoids loading `crypto`, which costs ~10 ms of start time).
 // ---------------------------------------------------------------------------------------------
-const ID_ALPHABET = 'abcdefghijklmnopqrstuvwxyz0123456789';
-const ID_POOL = Buffer.alloc(4080);
+const ID_ALPHABET = Buffer.from('abcdefghijklmnopqrstuvwxyz0123456789', 'latin1');
+const ID_POOL = Buffer.alloc(4080); // random bytes, mapped in place to alphabet characters
 let idOffset = ID_POOL.length;
 let urandom = -1;
 function refillIdPool() {
   try {
     if (urandom < 0) urandom = fs.openSync('/dev/urandom', 'r');
-    if (fs.readSync(urandom, ID_POOL, 0, ID_POOL.length, null) === ID_POOL.length) return;
+    if (fs.readSync(urandom, ID_POOL, 0, ID_POOL.length, null) !== ID_POOL.length) throw new Error('short read');
   } catch (_) {
-    // fall through
+    for (let i = 0; i < ID_POOL.length; i++) ID_POOL[i] = (Math.random() * 256) | 0;
   }
-  for (let i = 0; i < ID_POOL.length; i++) ID_POOL[i] = (Math.random() * 256) | 0;
+  for (let i = 0; i < ID_POOL.length; i++) ID_POOL[i] = ID_ALPHABET[ID_POOL[i] % 36];
 }
 function newLogId() {
   if (idOffset + 20 > ID_POOL.length) {
     refillIdPool();
     idOffset = 0;
   }
-  let id = '';
-  for (let i = idOffset, end = idOffset + 20; i < end; i++) id += ID_ALPHABET[ID_POOL[i] % 36];
+  const id = ID_POOL.latin1Slice(idOffset, idOffset + 20);
   idOffset += 20;
   return id;
 }
@@ -126,6 +125,10 @@ class Store {
     this.v2 = false; // v2: native output captured into stdout / stderr strings
     this.stdout = '';
     this.stderr = '';
+    this.res = null; // v5: the response, for the deadline
+    this.due = 0; // v5: deadline (Date.now() ms) while listed in the pending calls
+    this.prev = null;
+    this.next = null;
   }
 
   log(message) {
@@ -163,6 +166,61 @@ function writeLog(file, entries) {
   } catch (err) {
     process.stderr.write(`Failed to write ${file}: ${err.message}\n`);
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deadlines (x-open-runtimes-timeout): one timer for every pending call, armed for the earliest
+// deadline, instead of a setTimeout per call (each one an async resource and a timer-list insert).
+// ---------------------------------------------------------------------------------------------
+let pendingHead = null; // doubly linked list of the calls waiting with a deadline
+let deadlineTimer = null;
+let deadlineDue = Infinity;
+
+function addDeadline(store, timeoutMs) {
+  const due = Date.now() + timeoutMs;
+  store.due = due;
+  store.next = pendingHead;
+  if (pendingHead !== null) pendingHead.prev = store;
+  pendingHead = store;
+  if (due < deadlineDue) armDeadlines(due, timeoutMs);
+}
+
+function removeDeadline(store) {
+  if (store.due === 0) return;
+  store.due = 0;
+  if (store.prev !== null) store.prev.next = store.next;
+  else pendingHead = store.next;
+  if (store.next !== null) store.next.prev = store.prev;
+  store.prev = null;
+  store.next = null;
+}
+
+function armDeadlines(due, delay) {
+  if (deadlineTimer !== null) clearTimeout(deadlineTimer);
+  deadlineDue = due;
+  deadlineTimer = setTimeout(onDeadlines, delay);
+}
+
+function onDeadlines() {
+  deadlineTimer = null;
+  deadlineDue = Infinity;
+  const now = Date.now();
+  let next = Infinity;
+  for (let store = pendingHead; store !== null;) {
+    const after = store.next;
+    if (store.due <= now) {
+      removeDeadline(store);
+      if (!store.done) {
+        store.error(MSG_TIMED_OUT);
+        store.flush();
+        sendEmpty(store.res, 500, store.id);
+      }
+    } else if (store.due < next) {
+      next = store.due;
+    }
+    store = after;
+  }
+  if (next !== Infinity) armDeadlines(next, next - now);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -438,6 +496,9 @@ function readBody(req, res, logId, done) {
 // ---------------------------------------------------------------------------------------------
 // v5
 // ---------------------------------------------------------------------------------------------
+let lastTimeoutHeader = '';
+let lastTimeoutMs = 0;
+
 function onRequest(req, res) {
   if (handleInternal(req, res)) return;
   const headers = req.headers;
@@ -451,16 +512,22 @@ function onRequest(req, res) {
     logId = given ? safeId(given) : DEV ? 'dev' : newLogId();
   }
 
-  // 3. Timeout header.
+  // 3. Timeout header (executors repeat the same value: the last one parsed is kept).
   let timeoutMs = 0;
   const timeoutHeader = headers['x-open-runtimes-timeout'];
   if (timeoutHeader !== undefined) {
-    const seconds = /^[0-9]+$/.test(timeoutHeader) ? Number(timeoutHeader) : 0;
-    if (!(seconds > 0)) {
-      sendPlain(res, 500, MSG_TIMEOUT_HEADER, logId);
-      return;
+    if (timeoutHeader === lastTimeoutHeader) {
+      timeoutMs = lastTimeoutMs;
+    } else {
+      const seconds = /^[0-9]+$/.test(timeoutHeader) ? Number(timeoutHeader) : 0;
+      if (!(seconds > 0)) {
+        sendPlain(res, 500, MSG_TIMEOUT_HEADER, logId);
+        return;
+      }
+      timeoutMs = seconds * 1000;
+      lastTimeoutHeader = timeoutHeader;
+      lastTimeoutMs = timeoutMs;
     }
-    timeoutMs = seconds * 1000;
   }
 
   // 4. Secret.
@@ -470,10 +537,20 @@ function onRequest(req, res) {
   }
 
   // 5. Body, then the call inside this request's async context.
-  readBody(req, res, logId, (body) => {
-    const store = new Store(logId, logging);
-    als.run(store, execute, req, res, body, store, timeoutMs);
-  });
+  if (headers['transfer-encoding'] === undefined) {
+    const contentLength = headers['content-length'];
+    if (contentLength === undefined || contentLength === '0') {
+      startCall(req, res, EMPTY, logId, logging, timeoutMs);
+      return;
+    }
+  }
+  readBody(req, res, logId, (body) => startCall(req, res, body, logId, logging, timeoutMs));
+}
+
+function startCall(req, res, body, logId, logging, timeoutMs) {
+  const store = new Store(logId, logging);
+  store.res = res;
+  als.run(store, execute, req, res, body, store, timeoutMs);
 }
 
 function execute(req, res, body, store, timeoutMs) {
@@ -490,10 +567,9 @@ function invoke(loadedFn, req, res, body, store, timeoutMs) {
     return;
   }
 
-  let timer = null;
   const onError = (err) => {
     if (store.done) return;
-    if (timer !== null) clearTimeout(timer);
+    removeDeadline(store);
     store.error(formatValue(err));
     store.flush();
     sendEmpty(res, 500, store.id);
@@ -514,17 +590,10 @@ function invoke(loadedFn, req, res, body, store, timeoutMs) {
     return;
   }
   if (output !== null && typeof output === 'object' && typeof output.then === 'function') {
-    if (timeoutMs > 0 && timeoutMs <= MAX_TIMER_MS) {
-      timer = setTimeout(() => {
-        if (store.done) return;
-        store.error(MSG_TIMED_OUT);
-        store.flush();
-        sendEmpty(res, 500, store.id);
-      }, timeoutMs);
-    }
+    if (timeoutMs > 0 && timeoutMs <= MAX_TIMER_MS) addDeadline(store, timeoutMs);
     output.then((value) => {
       if (store.done) return;
-      if (timer !== null) clearTimeout(timer);
+      removeDeadline(store);
       respond(res, store, value);
     }, onError);
   } else {
