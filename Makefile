@@ -2,12 +2,12 @@
 # `make test` runs everything CI runs, `make bench` prints the benchmark numbers.
 SHELL := /bin/bash
 CARGO ?= cargo
-RUNTIME_IMAGES := node python
+RUNTIME_IMAGES := node python wasm
 # `docker compose` where the user has it, else Debian's docker-compose v1.
 COMPOSE := $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 API := http://127.0.0.1:8080
 
-.PHONY: images base $(RUNTIME_IMAGES) executor-image up down hello test lint bench clean-test
+.PHONY: images base $(RUNTIME_IMAGES) executor-image balancer-image up down hello test lint bench clean-test
 
 images: base $(RUNTIME_IMAGES)
 
@@ -20,19 +20,34 @@ node: base
 python: base
 	docker build -q -t hearth/python:v5-3.11 -f runtimes/python/Dockerfile runtimes
 
+# The Wasm image carries the workspace's release binary: stage it with the helpers in a small
+# context (target/images/wasm) instead of sending the whole repository to docker.
+wasm: base
+	$(CARGO) build --release -q -p hearth-wasm-runtime
+	@rm -rf target/images/wasm && mkdir -p target/images/wasm/base target/images/wasm/wasm
+	@cp target/release/hearth-wasm-runtime target/images/wasm/
+	@cp -r runtimes/base/helpers target/images/wasm/base/ && cp -r runtimes/wasm/helpers target/images/wasm/wasm/
+	docker build -q -t hearth/wasm:v5-1 -f runtimes/wasm/Dockerfile target/images/wasm
+
 executor-image: base
 	$(CARGO) build --release -q -p hearth-executor
 	@mkdir -p target/images/executor && cp target/release/hearth-executor target/images/executor/
 	docker build -q -t hearth/executor:latest -f executor/Dockerfile target/images/executor
 
+balancer-image: base
+	$(CARGO) build --release -q -p hearth-balancer
+	@mkdir -p target/images/balancer && cp target/release/hearth-balancer target/images/balancer/
+	docker build -q -t hearth/balancer:latest -f balancer/Dockerfile target/images/balancer
+
 # The stack: images, .env (a random OPR_EXECUTOR_SECRET once), the example staged in storage,
 # compose up, wait for health, print how to call it.
-up: images executor-image
+up: images executor-image balancer-image
 	@test -f .env || printf 'OPR_EXECUTOR_SECRET=%s\n' "$$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')" > .env
 	@grep -q '^HEARTH_RUNTIMES_DIR=' .env || printf 'HEARTH_RUNTIMES_DIR=%s\n' "$(CURDIR)/data/runtimes" >> .env
 	@mkdir -p data/storage/functions data/runtimes
 	@tar -C runtimes/node/example -czf data/storage/functions/hello.tar.gz .
 	@tar -C runtimes/python/example -czf data/storage/functions/hello-python.tar.gz .
+	@tar -C runtimes/wasm/example -czf data/storage/functions/hello-wasm.tar.gz .
 	$(COMPOSE) up -d
 	@for i in $$(seq 1 100); do curl -fsS $(API)/v1/health >/dev/null 2>&1 && break; sleep 0.2; done
 	@curl -fsS $(API)/v1/health >/dev/null || { echo "the executor did not become healthy"; $(COMPOSE) logs --tail 50; exit 1; }
@@ -44,7 +59,8 @@ up: images executor-image
 # Removes everything `make up` started: the stack, its runtimes, its network.
 down:
 	-$(COMPOSE) stop
-	-docker ps -aq --filter label=hearth.executor=hearth-executor | xargs -r docker rm -f -v >/dev/null
+	-docker ps -aq --filter label=hearth.executor=hearth-executor-1 | xargs -r docker rm -f -v >/dev/null
+	-docker ps -aq --filter label=hearth.executor=hearth-executor-2 | xargs -r docker rm -f -v >/dev/null
 	-$(COMPOSE) down --remove-orphans
 
 # Build the images, build the Node example with the image's build step, run it, call it once.
@@ -59,6 +75,8 @@ test: images lint
 	$(CARGO) test --workspace -- --nocapture
 
 bench: images executor-image
+	$(CARGO) build --release -q -p hearth-balancer
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { echo "the balancer bench compares with nginx: apt-get install -y nginx-light"; exit 1; }
 	$(CARGO) run --release -q -p hearth-tests --bin bench -- $(BENCH_ARGS)
 
 # Remove whatever a crashed test left behind (only what carries the test label).

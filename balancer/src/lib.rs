@@ -1,5 +1,94 @@
-//! The load balancer in front of many executors: one endpoint for the executor API, each call sent
-//! where its function is already warm (weighted rendezvous hashing with a bounded-load fallback),
-//! active and passive health checks, DNS discovery of executors, and its own `/metrics`.
+//! The balancer: one endpoint for the executor API in front of many executors. Each call that
+//! names a runtime goes to the executor holding it, else to the function's home (weighted
+//! rendezvous hashing over healthy executors, bounded load), so functions stay warm; the list
+//! is merged from all executors; executors are discovered from a static list and DNS, probed
+//! actively and ejected passively; errors keep the executor's JSON shape.
 //!
-//! Status: not built yet (issue "Balancer: warm-affinity routing across executors").
+//! Layout:
+//! - [`config`]: the `HEARTH_BALANCER_*` configuration (parsed in `main`);
+//! - [`service`]: the [`Balancer`]: what each route does, the location cache, the discovery and
+//!   probe loops;
+//! - [`routing`]: the API's routes and rendezvous hashing with bounded load;
+//! - [`upstream`]: executors, their health state, discovery targets;
+//! - [`proxy`]: the shared hyper client, bodies, hop-by-hop headers, one call to one executor;
+//! - [`metrics`]: the balancer's Prometheus counters;
+//! - [`error`]: the errors, and the one place they become responses.
+//!
+//! [`run`] serves on a listener until `shutdown` resolves, then drains calls in flight.
+
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod proxy;
+pub mod routing;
+pub mod service;
+pub mod upstream;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+pub use config::Config;
+pub use error::Error;
+pub use service::Balancer;
+
+/// Serves the API until `shutdown` resolves, then waits (up to the configured grace) for calls
+/// in flight. Discovery and probes run while it serves.
+pub async fn run(
+    balancer: Arc<Balancer>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    balancer.refresh().await;
+    let discovery = tokio::spawn(balancer.clone().discovery_loop());
+    let probes = tokio::spawn(balancer.clone().probe_loop());
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(balancer.config.header_timeout())
+        .keep_alive(true);
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let serving = balancer.clone();
+        let service = service_fn(move |request| {
+            let serving = serving.clone();
+            async move { Ok::<_, Infallible>(serving.handle(request).await) }
+        });
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(error = %err, "client connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(balancer.config.shutdown_grace(), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("calls still in flight at the end of the shutdown grace");
+    }
+    discovery.abort();
+    probes.abort();
+    Ok(())
+}

@@ -1,6 +1,7 @@
 //! Shared harness for Hearth's cross-component tests and benchmarks.
 //!
 //! Layout:
+//! - [`balancer`]: the real balancer served in-process in front of test executors;
 //! - [`docker`]: test containers on the real engine, labelled `hearth.test=1`, removed on drop;
 //! - [`executor`]: a real executor served in-process, with helpers to stage sources;
 //! - [`runtime`]: the runtime images and their fixtures, building functions with an image's own
@@ -8,6 +9,7 @@
 //!
 //! The conformance suite is `tests/all/conformance.rs`; the benchmark is `src/bin/bench.rs`.
 
+pub mod balancer;
 pub mod docker;
 pub mod executor;
 pub mod runtime;

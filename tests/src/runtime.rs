@@ -50,8 +50,21 @@ pub const PYTHON: RuntimeImage = RuntimeImage {
     example_entry: "main.py",
 };
 
+pub const WASM: RuntimeImage = RuntimeImage {
+    name: "wasm",
+    image: "hearth/wasm:v5-1",
+    // The build step's clang: the function plus the vendored local library, for wasm32-wasi.
+    install: "clang --target=wasm32-wasi -O2 -Ivendor/hearth-local-dep -o tests.wasm tests.c \
+              vendor/hearth-local-dep/hello.c -lm",
+    entry: "tests.wasm",
+    no_export: "no-export.wat",
+    syntax_error: "syntax-error.wat",
+    v2_entry: "index.wasm",
+    example_entry: "hello.wat",
+};
+
 /// Every runtime image the suite covers.
-pub const ALL: &[RuntimeImage] = &[NODE, PYTHON];
+pub const ALL: &[RuntimeImage] = &[NODE, PYTHON, WASM];
 
 /// The repository root (this crate lives in `tests/`).
 pub fn repo_root() -> PathBuf {

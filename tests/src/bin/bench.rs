@@ -12,7 +12,11 @@
 //! raw Docker time (create + start + first healthy) for the same image, and the executor's RSS
 //! with 50 warm runtimes.
 //!
-//! Usage: `bench [--runtimes node,python] [--duration SECS] [--starts N] [--executor true|false]`
+//! Balancer (`--balancer`, on by default): balancer vs nginx vs direct to one warm executor
+//! (`bench/balancer.rs`).
+//!
+//! Usage: `bench [--runtimes node,python] [--duration SECS] [--starts N] [--executor true|false]
+//! [--balancer true|false]`
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -29,6 +33,7 @@ struct Args {
     duration: u64,
     starts: usize,
     executor: bool,
+    balancer: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -37,6 +42,7 @@ fn parse_args() -> Result<Args> {
         duration: 5,
         starts: 10,
         executor: true,
+        balancer: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -58,6 +64,7 @@ fn parse_args() -> Result<Args> {
             "--duration" => args.duration = value.parse().context("--duration")?,
             "--starts" => args.starts = value.parse().context("--starts")?,
             "--executor" => args.executor = value.parse().context("--executor")?,
+            "--balancer" => args.balancer = value.parse().context("--balancer")?,
             other => bail!("unknown flag {other}"),
         }
     }
@@ -218,6 +225,56 @@ async fn bench_runtime(rt: RuntimeImage, args: &Args, network: &str) -> Result<V
     }))
 }
 
+/// The Wasm runtime's per-request cost without HTTP: a fresh instance of a no-op guest from the
+/// pre-linked module on the pooling allocator, `_start` called, the instance dropped. In process,
+/// with the same `EngineBuilder` the server uses.
+fn bench_wasm_instantiation() -> Result<Value> {
+    use hearth_wasm_runtime::engine::{EngineBuilder, Invocation, Status};
+    const RUNS: usize = 20_000;
+    let engine = EngineBuilder::new().max_instances(4).build()?;
+    let path = runtime::repo_root().join("runtimes/wasm/testdata/noop.wat");
+    let wat = std::fs::read(&path).with_context(|| format!("failed to read {}", path.display()))?;
+    let guest = engine.load_bytes("noop.wat", &wat)?;
+    for _ in 0..1_000 {
+        guest.run(Invocation::default());
+    }
+    let mut samples = Vec::with_capacity(RUNS);
+    for _ in 0..RUNS {
+        let started = Instant::now();
+        let outcome = guest.run(Invocation::default());
+        samples.push(started.elapsed().as_secs_f64() * 1e6);
+        if outcome.status != Status::Success {
+            bail!("no-op guest failed: {:?}", outcome.status);
+        }
+    }
+    samples.sort_by(f64::total_cmp);
+    let (p50, p99) = (percentile(&samples, 50.0), percentile(&samples, 99.0));
+    println!(
+        "{:<22} instantiate+run no-op guest (in process, pooling): p50 {p50:.1} µs p99 {p99:.1} µs ({RUNS} runs)",
+        runtime::WASM.image
+    );
+    Ok(json!({"image": runtime::WASM.image, "p50_us": p50, "p99_us": p99, "runs": RUNS}))
+}
+
+/// One line setting each runtime's warm hello against Node's, from the same run.
+fn compare_with_node(results: &[Value]) {
+    let find = |image: &str| results.iter().find(|r| r["image"] == image);
+    let Some(node) = find(runtime::NODE.image) else {
+        return;
+    };
+    for result in results.iter().filter(|r| r["image"] != runtime::NODE.image) {
+        println!(
+            "{:<22} vs {}: hello p50 (1 conn) {:.3} vs {:.3} ms | req/s (32 conn) {:.0} vs {:.0}",
+            result["image"].as_str().unwrap_or("?"),
+            runtime::NODE.image,
+            result["hello_c1"]["p50_ms"].as_f64().unwrap_or(f64::NAN),
+            node["hello_c1"]["p50_ms"].as_f64().unwrap_or(f64::NAN),
+            result["hello_c32"]["rps"].as_f64().unwrap_or(f64::NAN),
+            node["hello_c32"]["rps"].as_f64().unwrap_or(f64::NAN),
+        );
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = parse_args()?;
@@ -227,12 +284,24 @@ async fn main() -> Result<()> {
     );
     // Runtimes are reached on a network of our own, by address: no docker-proxy in the path.
     let network = Network::create(&connect().await?, "hearth-bench").await?;
+    let instantiation: Option<Value> =
+        if args.runtimes.iter().any(|rt| rt.name == runtime::WASM.name) {
+            Some(tokio::task::spawn_blocking(bench_wasm_instantiation).await??)
+        } else {
+            None
+        };
     let mut results = Vec::new();
     for rt in &args.runtimes {
         results.push(bench_runtime(*rt, &args, &network.name).await?);
     }
+    compare_with_node(&results);
     let executor = if args.executor {
         Some(executor_bench::run(&args, &network.name).await?)
+    } else {
+        None
+    };
+    let balancer = if args.balancer {
+        Some(balancer::run(&args).await?)
     } else {
         None
     };
@@ -241,11 +310,20 @@ async fn main() -> Result<()> {
     let path = out_dir.join("results.json");
     std::fs::write(
         &path,
-        serde_json::to_string_pretty(&json!({"runtimes": results, "executor": executor}))?,
+        serde_json::to_string_pretty(&json!({
+            "runtimes": results,
+            "wasm_instantiation": instantiation,
+            "executor": executor,
+            "balancer": balancer,
+        }))?,
     )?;
     println!("JSON: {}", path.display());
     Ok(())
 }
+
+/// Balancer vs nginx vs direct (a folder cargo does not take for a binary).
+#[path = "bench/balancer.rs"]
+mod balancer;
 
 mod executor_bench {
     //! The executor's numbers, from the executor image run as a container on the bench network.

@@ -37,6 +37,11 @@ async fn conformance_python() -> Result<()> {
     run_suite(runtime::PYTHON).await
 }
 
+#[tokio::test]
+async fn conformance_wasm() -> Result<()> {
+    run_suite(runtime::WASM).await
+}
+
 /// Everything the cases need: the servers of one image and an HTTP client.
 struct Ctx {
     rt: RuntimeImage,

@@ -1,2 +1,3 @@
+mod balancer;
 mod conformance;
 mod executor;

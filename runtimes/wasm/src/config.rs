@@ -1,0 +1,75 @@
+//! Command-line and environment settings of the binary (clap derive, an `env` on every field),
+//! turned into a [`server::Config`] once in `main`.
+
+use std::path::PathBuf;
+
+use crate::server::{self, Config};
+
+#[derive(Debug, clap::Parser)]
+#[command(
+    about = "Hearth Wasm runtime server (`precompile FILE...` compiles modules ahead of time)"
+)]
+pub struct Args {
+    #[arg(long, env = "OPEN_RUNTIMES_SECRET", default_value = "")]
+    pub secret: String,
+    #[arg(long, env = "OPEN_RUNTIMES_ENV", default_value = "production")]
+    pub mode: String,
+    #[arg(long, env = "OPEN_RUNTIMES_HEADERS", default_value = "{}")]
+    pub headers: String,
+    #[arg(long, env = "OPEN_RUNTIMES_ENTRYPOINT", default_value = "")]
+    pub entrypoint: String,
+    /// Megabytes per instance; empty or absent: 512.
+    #[arg(long, env = "OPEN_RUNTIMES_MEMORY", default_value = "")]
+    pub memory: String,
+    #[arg(long, env = "INTERNAL_RUNTIME_KEY", default_value = "")]
+    pub v2_key: String,
+    #[arg(long, env = "INTERNAL_RUNTIME_ENTRYPOINT", default_value = "")]
+    pub v2_entrypoint: String,
+    #[arg(long, env = "HEARTH_WASM_LISTEN", default_value = "0.0.0.0:3000")]
+    pub listen: String,
+    #[arg(long, env = "HEARTH_WASM_MAX_INSTANCES", default_value_t = 256)]
+    pub max_instances: u32,
+    #[arg(
+        long,
+        env = "HEARTH_WASM_FUNCTION_DIR",
+        default_value = "/usr/local/server/src/function"
+    )]
+    pub function_dir: PathBuf,
+    #[arg(long, env = "HEARTH_WASM_LOGS_DIR", default_value = "/mnt/logs")]
+    pub logs_dir: PathBuf,
+    #[arg(
+        long,
+        env = "HEARTH_WASM_TIMINGS_FILE",
+        default_value = "/mnt/telemetry/timings.txt"
+    )]
+    pub timings_file: PathBuf,
+    /// `precompile FILE...`: write FILE.cwasm for each module and exit.
+    #[arg(trailing_var_arg = true)]
+    pub command: Vec<String>,
+}
+
+impl Args {
+    /// The server's configuration; `guest_env` is what every guest sees (the process env).
+    pub fn into_config(self, guest_env: Vec<(String, String)>) -> Config {
+        // v2 mode takes its entrypoint from INTERNAL_RUNTIME_ENTRYPOINT when given.
+        let entry = if !self.v2_key.is_empty() && !self.v2_entrypoint.is_empty() {
+            &self.v2_entrypoint
+        } else {
+            &self.entrypoint
+        };
+        let mut config = Config::new(entry);
+        config.secret = self.secret;
+        config.development = self.mode == "development";
+        config.enforced_headers = server::parse_enforced_headers(&self.headers);
+        config.v2_key = self.v2_key;
+        config.guest_env = guest_env;
+        config.max_instances = self.max_instances;
+        config.function_dir = self.function_dir;
+        config.logs_dir = self.logs_dir;
+        config.timings_file = self.timings_file;
+        if let Ok(mb) = self.memory.trim().parse::<usize>() {
+            config.memory_limit = mb.max(1) << 20;
+        }
+        config
+    }
+}

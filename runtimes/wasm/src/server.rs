@@ -1,0 +1,621 @@
+//! The HTTP side: Open Runtimes v5 request handling (runtime-protocol.md §2) and the legacy v2
+//! JSON protocol (§3), on hyper. Every request runs the guest in a fresh instance on a blocking
+//! thread; a semaphore of the pool's size keeps the number of live instances within the pool.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use rand::Rng;
+use serde_json::{json, Map, Value};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::abi::{self, GuestRequest, GuestResponse};
+use crate::engine::{self, EngineBuilder, Guest, Invocation, Outcome, Status};
+use crate::wasi::Stream;
+
+/// Largest request body (runtime-protocol.md §2.5).
+pub const MAX_BODY: usize = 20 << 20;
+const NATIVE_NOTICE: &str =
+    "Native logs detected. Use context.log() or context.error() for better experience.";
+const UNAUTHORIZED: &str = r#"Unauthorized. Provide correct "x-open-runtimes-secret" header."#;
+const BAD_TIMEOUT: &str = r#"Header "x-open-runtimes-timeout" must be an integer greater than 0."#;
+
+/// Everything the server needs, read once by the binary (the library never reads the
+/// environment).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `OPEN_RUNTIMES_SECRET`; empty accepts any request.
+    pub secret: String,
+    /// `OPEN_RUNTIMES_ENV=development`: the log id defaults to `dev`.
+    pub development: bool,
+    /// `OPEN_RUNTIMES_HEADERS`, lower-cased names, stringified values.
+    pub enforced_headers: Vec<(String, String)>,
+    /// The module file, relative to `function_dir`.
+    pub entrypoint: String,
+    pub function_dir: PathBuf,
+    pub logs_dir: PathBuf,
+    pub timings_file: PathBuf,
+    /// `INTERNAL_RUNTIME_KEY`: non-empty switches to the v2 protocol.
+    pub v2_key: String,
+    /// Variables every guest sees (the server's environment), before the request's own.
+    pub guest_env: Vec<(String, String)>,
+    /// Memory limit of one instance in bytes (`OPEN_RUNTIMES_MEMORY` MB).
+    pub memory_limit: usize,
+    /// Live instances at most (pool slots).
+    pub max_instances: u32,
+}
+
+impl Config {
+    /// Defaults of the image (paths of runtime-protocol.md §1), 512 MiB, 256 instances.
+    pub fn new(entrypoint: &str) -> Self {
+        Self {
+            secret: String::new(),
+            development: false,
+            enforced_headers: Vec::new(),
+            entrypoint: entrypoint.to_string(),
+            function_dir: PathBuf::from("/usr/local/server/src/function"),
+            logs_dir: PathBuf::from("/mnt/logs"),
+            timings_file: PathBuf::from("/mnt/telemetry/timings.txt"),
+            v2_key: String::new(),
+            guest_env: Vec::new(),
+            memory_limit: 512 << 20,
+            max_instances: 256,
+        }
+    }
+}
+
+/// Parses `OPEN_RUNTIMES_HEADERS` (a JSON object; anything else enforces nothing).
+pub fn parse_enforced_headers(json: &str) -> Vec<(String, String)> {
+    match serde_json::from_str::<Value>(json) {
+        Ok(Value::Object(map)) => map
+            .into_iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), stringify(v)))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn stringify(value: Value) -> String {
+    match value {
+        Value::String(s) => s,
+        other => other.to_string(),
+    }
+}
+
+/// The loaded function plus the server's settings, shared by every connection.
+pub struct Service {
+    config: Config,
+    /// The guest, or why it could not be loaded (answered as 503 on every request).
+    guest: Result<Guest, String>,
+    permits: Semaphore,
+}
+
+impl Service {
+    /// Builds the engine and loads the entrypoint once (blocking: compiles when no precompiled
+    /// artifact is usable). A load failure is kept and reported per request; only an engine
+    /// that cannot be built is an error here.
+    pub fn load(config: Config) -> Result<Arc<Self>, engine::Error> {
+        let started = Instant::now();
+        let engine = EngineBuilder::new()
+            .memory_limit(config.memory_limit)
+            .max_instances(config.max_instances)
+            .build()?;
+        let path = config.function_dir.join(&config.entrypoint);
+        let guest = if config.entrypoint.is_empty() {
+            Err(engine::Error::Missing(String::new()).to_string())
+        } else {
+            engine.load(&path).map_err(|e| e.to_string())
+        };
+        if let Err(reason) = &guest {
+            tracing::warn!(entrypoint = %config.entrypoint, reason = %reason, "function not loaded");
+        }
+        let line = format!("load={:.6}\n", started.elapsed().as_secs_f64());
+        if let Ok(mut file) = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&config.timings_file)
+        {
+            // Telemetry is best effort: a read-only /mnt/telemetry must not stop the server.
+            let _ = std::io::Write::write_all(&mut file, line.as_bytes());
+        }
+        let permits = Semaphore::new(config.max_instances.max(1) as usize);
+        Ok(Arc::new(Self {
+            config,
+            guest,
+            permits,
+        }))
+    }
+}
+
+/// Serves HTTP/1 on `listener` until `shutdown` completes, then lets in-flight requests finish
+/// (at most 30 s).
+pub async fn serve(
+    service: Arc<Service>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(err) => {
+                        tracing::warn!(error = %err, "failed to accept a connection");
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let service = service.clone();
+                let handler = service_fn(move |req| {
+                    let service = service.clone();
+                    async move { Ok::<_, Infallible>(handle(&service, req).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), handler);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(err) = conn.await {
+                        tracing::debug!(error = %err, "connection ended with an error");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
+    Ok(())
+}
+
+type Reply = Response<Full<Bytes>>;
+
+fn reply(status: StatusCode, content_type: Option<&str>, body: impl Into<Bytes>) -> Reply {
+    let mut res = Response::new(Full::new(body.into()));
+    *res.status_mut() = status;
+    if let Some(ct) = content_type {
+        if let Ok(value) = HeaderValue::from_str(ct) {
+            res.headers_mut().insert(CONTENT_TYPE, value);
+        }
+    }
+    res
+}
+
+fn header<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn handle(service: &Service, req: Request<Incoming>) -> Reply {
+    let path = req.uri().path();
+    if path == "/__opr/health" {
+        return reply(StatusCode::OK, Some("text/plain; charset=utf-8"), "OK");
+    }
+    if path == "/__opr/timings" {
+        let timings = tokio::fs::read(&service.config.timings_file)
+            .await
+            .unwrap_or_default();
+        return reply(StatusCode::OK, Some("text/plain; charset=utf-8"), timings);
+    }
+    if !service.config.v2_key.is_empty() {
+        return handle_v2(service, req).await;
+    }
+    handle_v5(service, req).await
+}
+
+/// The log files of one request (absent when logging is disabled).
+struct Logs {
+    id: String,
+    enabled: bool,
+    logs: Vec<String>,
+    errors: Vec<String>,
+}
+
+impl Logs {
+    fn add_output(&mut self, outcome: &Outcome) {
+        let mut noticed = false;
+        for line in &outcome.output.lines {
+            match line.stream {
+                Stream::Native => {
+                    if !noticed {
+                        self.logs.push(NATIVE_NOTICE.to_string());
+                        noticed = true;
+                    }
+                    self.logs.push(abi::cut_log_line(&line.text));
+                }
+                Stream::Log => self.logs.push(abi::cut_log_line(&line.text)),
+                Stream::Error => self.errors.push(abi::cut_log_line(&line.text)),
+            }
+        }
+    }
+
+    /// Appends the non-empty files. Blocking: called on the request's blocking thread.
+    fn write(&self, dir: &std::path::Path) {
+        use std::io::Write;
+        if !self.enabled {
+            return;
+        }
+        for (suffix, lines) in [("logs", &self.logs), ("errors", &self.errors)] {
+            // Nothing logged, no I/O (as the other images): the executor reads absent as empty.
+            if lines.is_empty() {
+                continue;
+            }
+            let path = dir.join(format!("{}_{suffix}.log", self.id));
+            let mut text = lines.join("\n");
+            text.push('\n');
+            let written = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .and_then(|mut file| file.write_all(text.as_bytes()));
+            if let Err(err) = written {
+                tracing::warn!(path = %path.display(), error = %err, "failed to write a log file");
+            }
+        }
+    }
+}
+
+fn random_id() -> String {
+    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut rng = rand::rng();
+    (0..20)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+async fn handle_v5(service: &Service, req: Request<Incoming>) -> Reply {
+    let config = &service.config;
+    let enabled = header(&req, "x-open-runtimes-logging")
+        .map(|v| !v.eq_ignore_ascii_case("disabled"))
+        .unwrap_or(true);
+    let id = match header(&req, "x-open-runtimes-log-id") {
+        _ if !enabled => String::new(),
+        Some(id) if !id.is_empty() => id.to_string(),
+        _ if config.development => "dev".to_string(),
+        _ => random_id(),
+    };
+    let timeout = match header(&req, "x-open-runtimes-timeout") {
+        None => None,
+        Some(raw) => match raw.trim().parse::<u64>() {
+            Ok(secs) if secs > 0 => Some(Duration::from_secs(secs)),
+            _ => {
+                return reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    Some("text/plain"),
+                    BAD_TIMEOUT,
+                )
+            }
+        },
+    };
+    if !config.secret.is_empty()
+        && header(&req, "x-open-runtimes-secret") != Some(config.secret.as_str())
+    {
+        return reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Some("text/plain"),
+            UNAUTHORIZED,
+        );
+    }
+    let mut logs = Logs {
+        id,
+        enabled,
+        logs: Vec::new(),
+        errors: Vec::new(),
+    };
+
+    let request = guest_request(&req, &config.enforced_headers);
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(err) => {
+            let status = if err.is::<http_body_util::LengthLimitError>() {
+                StatusCode::PAYLOAD_TOO_LARGE
+            } else {
+                StatusCode::INTERNAL_SERVER_ERROR
+            };
+            let mut res = reply(
+                status,
+                Some("text/plain"),
+                "Request body could not be read.",
+            );
+            // The rest of the body is never read: the client must not reuse this connection.
+            res.headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            return res;
+        }
+    };
+
+    let guest = match &service.guest {
+        Ok(guest) => guest.clone(),
+        Err(reason) => {
+            logs.errors.push(reason.clone());
+            let dir = config.logs_dir.clone();
+            let id = logs.id.clone();
+            let _ = tokio::task::spawn_blocking(move || logs.write(&dir)).await;
+            return with_log_id(reply(StatusCode::SERVICE_UNAVAILABLE, None, ""), &id);
+        }
+    };
+    let request_env = request.env();
+    let invocation = Invocation {
+        args: Vec::new(),
+        env: abi::merge_env(&[&config.guest_env, &request_env]),
+        stdin: body,
+        timeout,
+    };
+    let Ok(_permit) = service.permits.acquire().await else {
+        return reply(StatusCode::SERVICE_UNAVAILABLE, None, "");
+    };
+    let dir = config.logs_dir.clone();
+    // One hop to a blocking thread per request: the run, the response and the log files.
+    let done = tokio::task::spawn_blocking(move || {
+        let outcome = guest.run(invocation);
+        logs.add_output(&outcome);
+        let result = match failure(&outcome, guest.name()) {
+            Some(reason) => Err(reason),
+            None => abi::parse_response(&outcome.output.stdout).map_err(|e| e.to_string()),
+        };
+        let res = match result {
+            Ok(response) => to_http(response),
+            Err(reason) => {
+                logs.errors.push(reason);
+                reply(StatusCode::INTERNAL_SERVER_ERROR, None, "")
+            }
+        };
+        logs.write(&dir);
+        with_log_id(res, &logs.id)
+    })
+    .await;
+    done.unwrap_or_else(|err| {
+        tracing::error!(error = %err, "the guest's thread failed");
+        reply(StatusCode::INTERNAL_SERVER_ERROR, None, "")
+    })
+}
+
+/// Runs the guest on a blocking thread once a pool slot is free.
+async fn run(service: &Service, guest: Guest, invocation: Invocation) -> Result<Outcome, String> {
+    let _permit = service
+        .permits
+        .acquire()
+        .await
+        .map_err(|_| "the server is shutting down".to_string())?;
+    tokio::task::spawn_blocking(move || guest.run(invocation))
+        .await
+        .map_err(|err| format!("the guest's thread failed: {err}"))
+}
+
+/// The errors-log text of a failed run, `None` when the guest finished normally.
+fn failure(outcome: &Outcome, name: &str) -> Option<String> {
+    match &outcome.status {
+        Status::Success => None,
+        Status::Timeout => Some("Execution timed out.".to_string()),
+        Status::Exit(code) => Some(format!("Error: {name} exited with code {code}.")),
+        Status::Trap(reason) => Some(format!("Error: {name} trapped: {reason}")),
+    }
+}
+
+fn with_log_id(mut res: Reply, id: &str) -> Reply {
+    if let Ok(value) = HeaderValue::from_str(id) {
+        res.headers_mut().insert("x-open-runtimes-log-id", value);
+    }
+    res
+}
+
+/// Method, URL parts and filtered headers of an incoming request.
+fn guest_request(req: &Request<Incoming>, enforced: &[(String, String)]) -> GuestRequest {
+    let mut headers: Vec<(String, String)> = Vec::new();
+    for (name, value) in req.headers() {
+        let name = name.as_str();
+        if name.starts_with("x-open-runtimes-") {
+            continue;
+        }
+        let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+        match headers.iter_mut().find(|(n, _)| n == name) {
+            Some((_, existing)) => {
+                existing.push_str(", ");
+                existing.push_str(&value);
+            }
+            None => headers.push((name.to_string(), value)),
+        }
+    }
+    for (name, value) in enforced {
+        match headers.iter_mut().find(|(n, _)| n == name) {
+            Some((_, existing)) => *existing = value.clone(),
+            None => headers.push((name.clone(), value.clone())),
+        }
+    }
+    let scheme = header(req, "x-forwarded-proto")
+        .unwrap_or("http")
+        .to_ascii_lowercase();
+    let default_port = if scheme == "https" { 443 } else { 80 };
+    let host_header = header(req, "host").unwrap_or("");
+    let (host, port) = match host_header.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(']') || host.starts_with('[') => {
+            match port.parse::<u16>() {
+                Ok(port) => (host.to_string(), port),
+                Err(_) => (host_header.to_string(), default_port),
+            }
+        }
+        _ => (host_header.to_string(), default_port),
+    };
+    GuestRequest {
+        method: req.method().as_str().to_string(),
+        scheme,
+        host,
+        port,
+        path: req.uri().path().to_string(),
+        query_string: req.uri().query().unwrap_or("").to_string(),
+        headers,
+    }
+}
+
+/// A guest response as HTTP (runtime-protocol.md §2.11).
+fn to_http(response: GuestResponse) -> Reply {
+    let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::OK);
+    let mut res = reply(status, None, response.body);
+    let mut content_type = None;
+    for (name, value) in response.headers {
+        if name.starts_with("x-open-runtimes-") {
+            continue;
+        }
+        if name == "content-type" {
+            content_type = Some(value.to_ascii_lowercase());
+            continue;
+        }
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            res.headers_mut().append(name, value);
+        }
+    }
+    let mut content_type = content_type.unwrap_or_else(|| "text/plain".to_string());
+    if !content_type.starts_with("multipart/") && !content_type.contains("charset=") {
+        content_type.push_str("; charset=utf-8");
+    }
+    if let Ok(value) = HeaderValue::from_str(&content_type) {
+        res.headers_mut().insert(CONTENT_TYPE, value);
+    }
+    res
+}
+
+// ---- v2 -----------------------------------------------------------------------------------
+
+fn v2_reply(status: StatusCode, body: Value) -> Reply {
+    reply(status, Some("application/json"), body.to_string())
+}
+
+async fn handle_v2(service: &Service, req: Request<Incoming>) -> Reply {
+    let config = &service.config;
+    if header(&req, "x-internal-challenge") != Some(config.v2_key.as_str()) {
+        return v2_reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"stderr": "Unauthorized"}),
+        );
+    }
+    if req.method() != Method::POST {
+        return v2_reply(StatusCode::NOT_FOUND, json!({"stderr": "Not found"}));
+    }
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(_) => {
+            return v2_reply(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                json!({"stderr": "Request body could not be read."}),
+            )
+        }
+    };
+    let input: Map<String, Value> = if body.is_empty() {
+        Map::new()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(Value::Object(map)) => map,
+            _ => {
+                return v2_reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({"stderr": "Invalid JSON body."}),
+                )
+            }
+        }
+    };
+    let object = |key: &str| match input.get(key) {
+        Some(Value::Object(map)) => map
+            .iter()
+            .map(|(k, v)| (k.clone(), stringify(v.clone())))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let mut variables: Vec<(String, String)> = object("variables");
+    if variables.is_empty() {
+        variables = object("env");
+    }
+    let headers: Vec<(String, String)> = object("headers")
+        .into_iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v))
+        .collect();
+    let payload = match input.get("payload") {
+        None | Some(Value::Null) => String::new(),
+        Some(value) => stringify(value.clone()),
+    };
+    let guest = match &service.guest {
+        Ok(guest) => guest.clone(),
+        Err(reason) => {
+            return v2_reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"stdout": "", "stderr": reason}),
+            )
+        }
+    };
+    let request = GuestRequest {
+        method: "POST".into(),
+        scheme: "http".into(),
+        host: "localhost".into(),
+        port: 80,
+        path: "/".into(),
+        query_string: String::new(),
+        headers,
+    };
+    let request_env = request.env();
+    let invocation = Invocation {
+        args: Vec::new(),
+        env: abi::merge_env(&[&config.guest_env, &variables, &request_env]),
+        stdin: Bytes::from(payload),
+        timeout: None,
+    };
+    let outcome = match run(service, guest.clone(), invocation).await {
+        Ok(outcome) => outcome,
+        Err(reason) => {
+            return v2_reply(StatusCode::INTERNAL_SERVER_ERROR, json!({"stderr": reason}))
+        }
+    };
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    for line in &outcome.output.lines {
+        let target = match line.stream {
+            Stream::Native | Stream::Log => &mut stdout,
+            Stream::Error => &mut stderr,
+        };
+        target.push_str(&line.text);
+        target.push('\n');
+    }
+    let parsed = match failure(&outcome, guest.name()) {
+        Some(reason) => Err(reason),
+        None => abi::parse_response(&outcome.output.stdout).map_err(|e| e.to_string()),
+    };
+    match parsed {
+        Ok(response) => {
+            let is_json = response.headers.iter().any(|(n, v)| {
+                n == "content-type" && v.to_ascii_lowercase().starts_with("application/json")
+            });
+            let text = String::from_utf8_lossy(&response.body).into_owned();
+            let value = if is_json {
+                serde_json::from_str(&text).unwrap_or(Value::String(text))
+            } else {
+                Value::String(text)
+            };
+            let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::OK);
+            v2_reply(
+                status,
+                json!({"response": value, "stdout": stdout, "stderr": stderr}),
+            )
+        }
+        Err(reason) => {
+            stderr.push_str(&reason);
+            stderr.push('\n');
+            v2_reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"stdout": stdout, "stderr": stderr}),
+            )
+        }
+    }
+}

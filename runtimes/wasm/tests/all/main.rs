@@ -1,0 +1,17 @@
+//! Integration tests of the Wasm runtime, one binary (wasmtime's layout): `isolation` drives the
+//! engine directly, `http` the server in process on port 0. Guests are WAT files in `testdata/`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failure is the test failing
+
+mod http;
+mod isolation;
+
+use std::path::PathBuf;
+
+/// A module of `testdata/` as text.
+pub fn testdata(name: &str) -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}

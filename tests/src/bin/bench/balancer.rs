@@ -1,0 +1,206 @@
+//! The balancer's numbers (`--balancer`, on by default): one warm node runtime behind one
+//! in-process executor, called in the same run three ways: direct, through the balancer (the
+//! release binary as its own process) and through Debian's nginx configured as a plain
+//! keep-alive reverse proxy. Added p50/p99 over direct and requests/s at 1 and 64 connections,
+//! and the balancer's RSS.
+
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+
+use super::*;
+use hearth_tests::executor::{Options, TempDir, TestExecutor, SECRET as EXECUTOR_SECRET};
+use hearth_tests::runtime::fixture_dir;
+
+/// A child process killed on drop.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // SIGTERM, not SIGKILL: nginx's master then stops its workers too.
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+async fn wait_up(url: &str) -> Result<()> {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(res) = client.get(format!("{url}/v1/health")).send().await {
+            if res.status().is_success() {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{url} did not come up");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn balancer_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe
+        .parent()
+        .context("bench has no folder")?
+        .join("hearth-balancer");
+    if !path.exists() {
+        bail!(
+            "{} is missing: cargo build --release -p hearth-balancer",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn start_balancer(executor: &str, port: u16) -> Result<Process> {
+    let child = Command::new(balancer_binary()?)
+        .env("HEARTH_BALANCER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("HEARTH_BALANCER_EXECUTORS", executor)
+        .env("OPR_EXECUTOR_SECRET", EXECUTOR_SECRET)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .context("failed to start hearth-balancer")?;
+    Ok(Process(child))
+}
+
+fn start_nginx(dir: &std::path::Path, executor_port: u16, port: u16) -> Result<Process> {
+    let d = dir.display();
+    let conf = format!(
+        "daemon off;\nworker_processes auto;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+         fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+         client_max_body_size 64m;\n\
+         upstream executor {{ server 127.0.0.1:{executor_port}; keepalive 256; }}\n\
+         server {{\n    listen 127.0.0.1:{port};\n    location / {{\n\
+               proxy_pass http://executor;\n      proxy_http_version 1.1;\n\
+               proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n"
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf)?;
+    let nginx = ["/usr/sbin/nginx", "nginx"]
+        .into_iter()
+        .find(|n| Command::new(n).arg("-v").output().is_ok())
+        .context("nginx is missing (apt-get install -y nginx)")?;
+    let child = Command::new(nginx)
+        .arg("-p")
+        .arg(dir)
+        .arg("-c")
+        .arg(&path)
+        .stderr(Stdio::null())
+        .spawn()
+        .context("failed to start nginx")?;
+    Ok(Process(child))
+}
+
+fn rss_mb(pid: u32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+async fn load(url: String, connections: u32, duration: u64, lua: String) -> Result<Load> {
+    // wrk blocks: off the runtime, which serves the in-process executor.
+    tokio::task::spawn_blocking(move || wrk_with(&url, connections, duration, &lua)).await?
+}
+
+pub async fn run(args: &Args) -> Result<Value> {
+    let executor = TestExecutor::start(Options::named("bench-balancer")).await?;
+    let source = executor.stage_source(&fixture_dir("executor"), "fixture")?;
+    let res = executor
+        .post("/v1/runtimes/warm/executions")
+        .header("accept", "application/json")
+        .json(&json!({"image": runtime::NODE.image, "source": source, "entrypoint": "index.js"}))
+        .send()
+        .await?;
+    if !res.status().is_success() {
+        bail!("warm-up execution failed: {}", res.text().await?);
+    }
+    let executor_port: u16 = executor
+        .url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .context("executor port")?;
+    let dir = TempDir::new("hearth-bench-nginx")?;
+    let (balancer_port, nginx_port) = (free_port()?, free_port()?);
+    let balancer = start_balancer(&executor.url, balancer_port)?;
+    let _nginx = start_nginx(&dir.0, executor_port, nginx_port)?;
+    let balancer_url = format!("http://127.0.0.1:{balancer_port}");
+    let nginx_url = format!("http://127.0.0.1:{nginx_port}");
+    wait_up(&balancer_url).await?;
+    wait_up(&nginx_url).await?;
+
+    let lua = format!(
+        "wrk.method = \"POST\"\n\
+         wrk.headers[\"authorization\"] = \"Bearer {EXECUTOR_SECRET}\"\n\
+         wrk.headers[\"accept\"] = \"application/json\"\n\
+         wrk.headers[\"content-type\"] = \"application/json\"\n\
+         wrk.body = '{{\"path\":\"/\"}}'\n"
+    );
+    let path = "/v1/runtimes/warm/executions";
+    let paths = [
+        ("direct", format!("{}{path}", executor.url)),
+        ("balancer", format!("{balancer_url}{path}")),
+        ("nginx", format!("{nginx_url}{path}")),
+    ];
+    for (_, url) in &paths {
+        load(url.clone(), 8, 1, lua.clone()).await?;
+    }
+    let mut results = serde_json::Map::new();
+    let mut printed = Vec::new();
+    for connections in [1u32, 64] {
+        let mut loads = Vec::new();
+        for (name, url) in &paths {
+            let l = load(url.clone(), connections, args.duration, lua.clone()).await?;
+            loads.push((*name, l));
+        }
+        let direct = loads[0].1;
+        let mut row = serde_json::Map::new();
+        for (name, l) in &loads {
+            row.insert(
+                name.to_string(),
+                json!({"p50_ms": l.p50_ms, "p99_ms": l.p99_ms, "rps": l.rps,
+                       "added_p50_ms": l.p50_ms - direct.p50_ms, "added_p99_ms": l.p99_ms - direct.p99_ms}),
+            );
+        }
+        for (name, l) in &loads[1..] {
+            printed.push(format!(
+                "balancer bench {connections:>2} conn: {name:<8} added p50 {:+.3} ms p99 {:+.3} ms, {:.0} req/s (direct p50 {:.3} ms p99 {:.3} ms, {:.0} req/s)",
+                l.p50_ms - direct.p50_ms,
+                l.p99_ms - direct.p99_ms,
+                l.rps,
+                direct.p50_ms,
+                direct.p99_ms,
+                direct.rps
+            ));
+        }
+        results.insert(format!("c{connections}"), Value::Object(row));
+    }
+    let pid = balancer.0.id();
+    let (rss, peak) = (rss_mb(pid, "VmRSS:"), rss_mb(pid, "VmHWM:"));
+    for line in printed {
+        println!("{line}");
+    }
+    println!("balancer RSS after the runs: {rss:.1} MB (peak {peak:.1} MB)");
+    results.insert("balancer_rss_mb".into(), json!(rss));
+    results.insert("balancer_peak_rss_mb".into(), json!(peak));
+    drop(balancer);
+    drop(executor);
+    Ok(Value::Object(results))
+}
