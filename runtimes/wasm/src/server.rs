@@ -100,7 +100,14 @@ pub struct Service {
     /// The guest, or why it could not be loaded (answered as 503 on every request).
     guest: Result<Guest, String>,
     permits: Semaphore,
+    /// Moving average of recent guest run times (µs): short guests run inline on the async
+    /// worker, which saves the hop to a blocking thread; long ones go to the blocking pool.
+    recent_run_micros: std::sync::atomic::AtomicU64,
 }
+
+/// Guests that recently ran faster than this run inline; a slow run moves the average up at
+/// once, so at most one long run lands on an async worker before the guest goes to the pool.
+const INLINE_BELOW_MICROS: u64 = 500;
 
 impl Service {
     /// Builds the engine and loads the entrypoint once (blocking: compiles when no precompiled
@@ -135,6 +142,8 @@ impl Service {
             config,
             guest,
             permits,
+            // A new guest starts on the blocking pool until a few fast runs prove it short.
+            recent_run_micros: std::sync::atomic::AtomicU64::new(4 * INLINE_BELOW_MICROS),
         }))
     }
 }
@@ -357,9 +366,10 @@ async fn handle_v5(service: &Service, req: Request<Incoming>) -> Reply {
         return reply(StatusCode::SERVICE_UNAVAILABLE, None, "");
     };
     let dir = config.logs_dir.clone();
-    // One hop to a blocking thread per request: the run, the response and the log files.
-    let done = tokio::task::spawn_blocking(move || {
+    let finish = move || {
+        let started = Instant::now();
         let outcome = guest.run(invocation);
+        let took = started.elapsed().as_micros() as u64;
         logs.add_output(&outcome);
         let result = match failure(&outcome, guest.name()) {
             Some(reason) => Err(reason),
@@ -373,13 +383,30 @@ async fn handle_v5(service: &Service, req: Request<Incoming>) -> Reply {
             }
         };
         logs.write(&dir);
-        with_log_id(res, &logs.id)
-    })
-    .await;
-    done.unwrap_or_else(|err| {
-        tracing::error!(error = %err, "the guest's thread failed");
-        reply(StatusCode::INTERNAL_SERVER_ERROR, None, "")
-    })
+        (with_log_id(res, &logs.id), took)
+    };
+    use std::sync::atomic::Ordering;
+    let recent = service.recent_run_micros.load(Ordering::Relaxed);
+    let (res, took) = if recent < INLINE_BELOW_MICROS {
+        finish()
+    } else {
+        // The run, the response and the log files in one hop to a blocking thread.
+        match tokio::task::spawn_blocking(finish).await {
+            Ok(done) => done,
+            Err(err) => {
+                tracing::error!(error = %err, "the guest's thread failed");
+                return reply(StatusCode::INTERNAL_SERVER_ERROR, None, "");
+            }
+        }
+    };
+    // Slow runs count fully at once; fast ones pull the average down gradually.
+    let next = if took >= recent {
+        took
+    } else {
+        (recent * 3 + took) / 4
+    };
+    service.recent_run_micros.store(next, Ordering::Relaxed);
+    res
 }
 
 /// Runs the guest on a blocking thread once a pool slot is free.
