@@ -78,10 +78,6 @@ impl Metrics {
         }
     }
 
-    pub fn cold_starts(&self) -> u64 {
-        self.cold_starts.load(Ordering::Relaxed)
-    }
-
     /// The text exposition format; `warm` is the number of runtimes held right now.
     pub fn render(&self, warm: usize) -> String {
         let mut out = String::with_capacity(2048);

@@ -7,7 +7,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Instant, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
 use hearth_adapters::{EXECUTOR_LABEL, RUNTIME_LABEL};
 
@@ -87,7 +87,6 @@ impl Executor {
 
     /// Drops entries whose container is gone and removes containers no entry owns.
     async fn reconcile(&self) -> usize {
-        let started = Instant::now();
         let Ok(found) = self.adapter.list(&self.own_label()).await else {
             return 0;
         };
@@ -116,11 +115,11 @@ impl Executor {
             .filter_map(|r| r.container_id().map(str::to_string))
             .collect();
         for info in &found {
-            // Containers created after the listing started may not be in the table yet.
+            // A container this young may belong to a creation whose entry is still on its way.
             let young = info
                 .created
                 .elapsed()
-                .map(|age| age < started.elapsed() + std::time::Duration::from_secs(60))
+                .map(|age| age < std::time::Duration::from_secs(60))
                 .unwrap_or(true);
             let id = info
                 .labels
