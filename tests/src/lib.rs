@@ -2,6 +2,8 @@
 //!
 //! Layout:
 //! - [`balancer`]: the real balancer served in-process in front of test executors;
+//! - [`builds`]: RabbitMQ in a container, git repositories served on loopback, and the
+//!   `hearth-builds` binary as child processes a test can kill;
 //! - [`docker`]: test containers on the real engine, labelled `hearth.test=1`, removed on drop;
 //! - [`executor`]: a real executor served in-process, with helpers to stage sources;
 //! - [`runtime`]: the runtime images and their fixtures, building functions with an image's own
@@ -10,6 +12,7 @@
 //! The conformance suite is `tests/all/conformance.rs`; the benchmark is `src/bin/bench.rs`.
 
 pub mod balancer;
+pub mod builds;
 pub mod docker;
 pub mod executor;
 pub mod runtime;

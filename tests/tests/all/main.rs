@@ -1,3 +1,4 @@
 mod balancer;
+mod builds;
 mod conformance;
 mod executor;

@@ -1,0 +1,426 @@
+//! The build service end to end, all real (needs Docker): RabbitMQ in a container, git
+//! repositories served by `git daemon` on 127.0.0.1 and as `file://`, the `hearth-builds` binary
+//! as child processes, and a real executor building in real runtime containers.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use hearth_tests::builds::{
+    by_status, git_build, BuildsClient, BuildsProcess, GitServer, Rabbit, ServiceOptions,
+};
+use hearth_tests::executor::{json_reply, Options, TempDir, TestExecutor, SECRET};
+use serde_json::{json, Value};
+
+const NODE: &str = "hearth/node:v5-18";
+const PYTHON: &str = "hearth/python:v5-3.11";
+const LONG: Duration = Duration::from_secs(180);
+
+/// Runs a built artifact through the executor (cold start with it as `source`) and returns the
+/// function's body.
+async fn invoke(
+    ex: &TestExecutor,
+    runtime_id: &str,
+    image: &str,
+    artifact: &str,
+    entrypoint: &str,
+) -> Result<String> {
+    let res = ex
+        .post(&format!("/v1/runtimes/{runtime_id}/executions"))
+        .header("accept", "application/json")
+        .json(&json!({"image": image, "source": artifact, "entrypoint": entrypoint, "timeout": 60}))
+        .send()
+        .await?;
+    let (status, body) = json_reply(res).await?;
+    ensure!(
+        status == 200 && body["statusCode"] == 200,
+        "execution answered {status}: {body}"
+    );
+    Ok(body["body"].as_str().unwrap_or_default().to_string())
+}
+
+fn artifact(build: &Value) -> Result<String> {
+    ensure!(
+        build["status"] == "succeeded",
+        "build did not succeed: {build}"
+    );
+    build["artifact"]["path"]
+        .as_str()
+        .map(str::to_string)
+        .context("no artifact path")
+}
+
+fn node_function(text: &str) -> String {
+    format!("module.exports = async (context) => context.res.text('{text}');\n")
+}
+
+struct Stack {
+    ex: TestExecutor,
+    options: ServiceOptions,
+    _state: TempDir,
+}
+
+async fn stack(rabbit: &Rabbit, name: &str, extra: &[(&str, &str)]) -> Result<Stack> {
+    let ex = TestExecutor::start(Options::named(name)).await?;
+    let state = TempDir::new("hearth-builds-state")?;
+    let options = ServiceOptions {
+        secret: SECRET.to_string(),
+        executor: ex.url.clone(),
+        amqp: rabbit.url(),
+        queue: format!("hearth.test.{name}.{}", std::process::id()),
+        state_dir: state.0.clone(),
+        storage_root: ex.storage.clone(),
+        extra: extra
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    };
+    Ok(Stack {
+        ex,
+        options,
+        _state: state,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn builds_docker_git_by_branch_tag_commit_then_execute() -> Result<()> {
+    let rabbit = Rabbit::start().await?;
+    let git = GitServer::start().await?;
+    let s = stack(&rabbit, "builds", &[("HEARTH_BUILDS_MAX_SOURCE_MB", "1")]).await?;
+    let service = BuildsProcess::start(&s.options, "all").await?;
+    let api = BuildsClient::new(&service.url, SECRET);
+    let mut submitted = Vec::new();
+
+    // A Node function with history: v1 (tagged), then v2 on main.
+    let commits = git.repository(
+        "node-fn",
+        &[
+            (
+                &[
+                    ("index.js", &node_function("v1 from git")),
+                    ("package.json", "{\"name\":\"fn\",\"version\":\"1.0.0\"}"),
+                ],
+                Some("v1.0"),
+            ),
+            (&[("index.js", &node_function("v2 from git"))], None),
+        ],
+    )?;
+    for (reference, url, expected) in [
+        (Some("main"), git.git_url("node-fn"), "v2 from git"),
+        (Some("v1.0"), git.git_url("node-fn"), "v1 from git"),
+        (
+            Some(commits[0].as_str()),
+            git.file_url("node-fn"),
+            "v1 from git",
+        ),
+        (None, git.file_url("node-fn"), "v2 from git"),
+    ] {
+        let (status, build) = api
+            .submit(&git_build(&url, reference, NODE, "index.js"))
+            .await?;
+        ensure!(
+            status == 202 && build["status"] == "queued",
+            "submit: {status} {build}"
+        );
+        let id = build["id"].as_str().context("no id")?.to_string();
+        submitted.push(id.clone());
+        let build = api.wait(&id, LONG).await?;
+        let path = artifact(&build)?;
+        ensure!(
+            build["commit"].as_str().is_some_and(|c| c.len() == 40),
+            "no commit: {build}"
+        );
+        let body = invoke(
+            &s.ex,
+            &format!("git-{}", submitted.len()),
+            NODE,
+            &path,
+            "index.js",
+        )
+        .await?;
+        ensure!(
+            body == expected,
+            "ref {reference:?} of {url}: body {body:?}, want {expected:?}"
+        );
+        println!(
+            "builds: node from {url} at {reference:?} -> {body:?} (artifact {} bytes)",
+            build["artifact"]["size"]
+        );
+    }
+
+    // A Python function in a subdirectory, from file://.
+    git.repository(
+        "py-fn",
+        &[(
+            &[
+                (
+                    "fn/main.py",
+                    "async def main(context):\n    return context.res.text('python from git')\n",
+                ),
+                ("README.md", "a function"),
+            ],
+            Some("v1"),
+        )],
+    )?;
+    let mut request = git_build(&git.file_url("py-fn"), Some("v1"), PYTHON, "main.py");
+    request["source"]["subdirectory"] = json!("fn");
+    let (status, build) = api.submit(&request).await?;
+    ensure!(status == 202, "{build}");
+    let id = build["id"].as_str().context("no id")?.to_string();
+    submitted.push(id.clone());
+    let build = api.wait(&id, LONG).await?;
+    let body = invoke(&s.ex, "py-git", PYTHON, &artifact(&build)?, "main.py").await?;
+    ensure!(body == "python from git", "python body {body:?}");
+
+    // The log holds the fetch, the build's own output, and the result, in the executor's format.
+    let log = api.logs(&id).await?;
+    ensure!(
+        log.contains("Fetching file://")
+            && log.contains("Build command execution started.")
+            && log.contains("Build succeeded"),
+        "log: {log}"
+    );
+    ensure!(
+        log.lines()
+            .all(|l| l.len() > 24 && l.as_bytes()[4] == b'-' && l.as_bytes()[23] == b'+'),
+        "line format: {log}"
+    );
+
+    // An archive already in storage.
+    let archive = s.ex.stage_source(
+        &hearth_tests::runtime::repo_root().join("runtimes/node/example"),
+        "archive-fn",
+    )?;
+    let (status, build) = api.submit(&json!({"source": {"type": "archive", "path": archive}, "image": NODE, "entrypoint": "index.js"})).await?;
+    ensure!(status == 202, "{build}");
+    let id = build["id"].as_str().context("no id")?.to_string();
+    submitted.push(id.clone());
+    let build = api.wait(&id, LONG).await?;
+    let body = invoke(&s.ex, "archive", NODE, &artifact(&build)?, "index.js").await?;
+    ensure!(body == "Hello, World!", "archive body {body:?}");
+
+    // Failures, each final with a clear reason.
+    git.empty("empty")?;
+    git.repository(
+        "big",
+        &[(
+            &[
+                ("index.js", &node_function("big")),
+                ("blob.bin", &"x".repeat(1_500_000)),
+            ],
+            None,
+        )],
+    )?;
+    git.repository(
+        "escape",
+        &[(
+            &[
+                ("index.js", &node_function("x")),
+                ("secret@link", "../../../../etc/passwd"),
+            ],
+            None,
+        )],
+    )?;
+    let failing = [
+        (
+            git_build(&git.git_url("missing"), Some("main"), NODE, "index.js"),
+            "could not be read",
+        ),
+        (
+            git_build(
+                &git.git_url("node-fn"),
+                Some("no-such-branch"),
+                NODE,
+                "index.js",
+            ),
+            "unknown ref",
+        ),
+        (
+            git_build(
+                &git.git_url("node-fn"),
+                Some("0123456789abcdef0123456789abcdef01234567"),
+                NODE,
+                "index.js",
+            ),
+            "unknown ref",
+        ),
+        (
+            git_build(&git.git_url("empty"), None, NODE, "index.js"),
+            "is empty",
+        ),
+        (
+            git_build(&git.git_url("big"), None, NODE, "index.js"),
+            "size limit",
+        ),
+        (
+            git_build(&git.git_url("escape"), None, NODE, "index.js"),
+            "points outside",
+        ),
+        (
+            json!({"source": {"type": "git", "url": git.git_url("node-fn")}, "image": NODE, "command": "echo about to fail; exit 3"}),
+            "exited with code 3",
+        ),
+        (
+            json!({"source": {"type": "git", "url": git.git_url("node-fn")}, "image": NODE, "command": "sleep 30", "timeout": 2}),
+            "timed out",
+        ),
+        (
+            json!({"source": {"type": "archive", "path": format!("{}/functions/nope.tar.gz", s.ex.storage.display())}, "image": NODE}),
+            "not found",
+        ),
+    ];
+    for (request, reason) in failing {
+        let (status, build) = api.submit(&request).await?;
+        ensure!(status == 202, "{request}: {status} {build}");
+        let id = build["id"].as_str().context("no id")?.to_string();
+        submitted.push(id.clone());
+        let build = api.wait(&id, LONG).await?;
+        let error = build["error"].as_str().unwrap_or_default();
+        ensure!(
+            build["status"] == "failed" && error.contains(reason),
+            "{request}: want failed with {reason:?}: {build}"
+        );
+        ensure!(
+            build["attempts"] == 1,
+            "a build failure is not retried: {build}"
+        );
+        println!("builds: failure {reason:?} -> {error}");
+    }
+
+    // A live log stream ends within a second of the build's end.
+    let (_, build) = api.submit(&json!({"source": {"type": "git", "url": git.git_url("node-fn")}, "image": NODE, "command": "for i in 1 2 3; do echo tick $i; sleep 0.5; done"})).await?;
+    let id = build["id"].as_str().context("no id")?.to_string();
+    submitted.push(id.clone());
+    let streamed = api.logs(&id).await?;
+    let closed = Instant::now();
+    let build = api.get(&id).await?;
+    ensure!(
+        build["status"] == "succeeded" && streamed.contains("tick 3"),
+        "{build} {streamed}"
+    );
+    let finished = build["finishedAt"].as_f64().unwrap_or_default();
+    let now = hearth_builds::unix_now();
+    ensure!(
+        now - finished < 1.0 + closed.elapsed().as_secs_f64(),
+        "stream closed {:.2}s after the build",
+        now - finished
+    );
+
+    // Cancel a running build: it ends cancelled and its runtime is gone.
+    let (_, build) = api.submit(&json!({"source": {"type": "git", "url": git.git_url("node-fn")}, "image": NODE, "command": "sleep 60"})).await?;
+    let id = build["id"].as_str().context("no id")?.to_string();
+    submitted.push(id.clone());
+    let log_seen = api
+        .wait_for(&id, LONG, |b| b["status"] == "running")
+        .await?;
+    ensure!(log_seen["attempts"] == 1, "{log_seen}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (status, build) = api.cancel(&id).await?;
+    ensure!(
+        status == 200 && build["status"] == "cancelled",
+        "{status} {build}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let res = s.ex.get(&format!("/v1/runtimes/build-{id}")).send().await?;
+        if res.status() == 404 {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the cancelled build's runtime is still there"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, body) = api.cancel(&id).await?;
+    ensure!(
+        status == 409 && body["type"] == "build_conflict",
+        "{status} {body}"
+    );
+
+    // Bad input gets the spec's error body.
+    let (status, body) = api
+        .submit(&json!({"source": {"type": "git", "url": "ftp://x"}, "image": NODE}))
+        .await?;
+    ensure!(
+        status == 400
+            && body["type"] == "build_bad_request"
+            && body["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("source.url"),
+        "{status} {body}"
+    );
+    let res = api
+        .http
+        .post(format!("{}/v1/builds", api.url))
+        .bearer_auth(SECRET)
+        .body("{not json")
+        .send()
+        .await?;
+    let (status, body) = json_reply(res).await?;
+    ensure!(
+        status == 400
+            && body["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("not valid JSON"),
+        "{status} {body}"
+    );
+    let res = api
+        .http
+        .get(format!("{}/v1/builds", api.url))
+        .send()
+        .await?;
+    ensure!(res.status() == 401, "no key: {}", res.status());
+    let res = api
+        .http
+        .get(format!("{}/v1/builds/deadbeef", api.url))
+        .bearer_auth(SECRET)
+        .send()
+        .await?;
+    ensure!(res.status() == 404, "unknown build: {}", res.status());
+    let res = api
+        .http
+        .get(format!("{}/v1/nothing", api.url))
+        .bearer_auth(SECRET)
+        .send()
+        .await?;
+    ensure!(res.status() == 404, "unknown route: {}", res.status());
+
+    // Every build submitted finished, and the list agrees.
+    let res = api
+        .http
+        .get(format!("{}/v1/builds?limit=1000", api.url))
+        .bearer_auth(SECRET)
+        .send()
+        .await?;
+    let (_, list) = json_reply(res).await?;
+    let builds = list["builds"].as_array().context("no list")?.clone();
+    let counts = by_status(&builds);
+    println!(
+        "builds: submitted {}, by status {counts:?}",
+        submitted.len()
+    );
+    ensure!(
+        builds.len() == submitted.len(),
+        "{} listed, {} submitted",
+        builds.len(),
+        submitted.len()
+    );
+    ensure!(
+        counts.get("queued").is_none() && counts.get("running").is_none(),
+        "{counts:?}"
+    );
+    ensure!(
+        s.ex.containers().len() == 6,
+        "runtimes left: {} (want the 6 executions)",
+        s.ex.containers().len()
+    );
+    hearth_builds::queue::Broker::new(
+        &rabbit.url(),
+        hearth_builds::queue::Topology::new(&s.options.queue),
+    )
+    .delete_topology()
+    .await?;
+    Ok(())
+}
