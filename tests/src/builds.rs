@@ -128,6 +128,9 @@ impl Drop for Rabbit {
     }
 }
 
+/// One commit of a test repository: files (path, content) and an optional tag.
+pub type Commit<'a> = (&'a [(&'a str, &'a str)], Option<&'a str>);
+
 /// Bare git repositories under a temp folder, served read-only by `git daemon` on 127.0.0.1.
 pub struct GitServer {
     pub root: PathBuf,
@@ -213,7 +216,7 @@ impl GitServer {
     pub fn repository(
         &self,
         name: &str,
-        commits: &[(&[(&str, &str)], Option<&str>)],
+        commits: &[Commit<'_>],
     ) -> Result<Vec<String>> {
         self.empty(name)?;
         let work = self.root.join(format!("{name}.work"));
