@@ -408,7 +408,7 @@ async fn builds_docker_git_by_branch_tag_commit_then_execute() -> Result<()> {
         submitted.len()
     );
     ensure!(
-        counts.get("queued").is_none() && counts.get("running").is_none(),
+        !counts.contains_key("queued") && !counts.contains_key("running"),
         "{counts:?}"
     );
     ensure!(
