@@ -213,11 +213,7 @@ impl GitServer {
     /// Creates `<name>.git` from a work tree built by `commits`: each commit is a list of
     /// (path, content) files written before committing; a `Some(tag)` tags that commit. Returns
     /// the commit ids in order. Paths ending in `@link` are made symlinks to the content.
-    pub fn repository(
-        &self,
-        name: &str,
-        commits: &[Commit<'_>],
-    ) -> Result<Vec<String>> {
+    pub fn repository(&self, name: &str, commits: &[Commit<'_>]) -> Result<Vec<String>> {
         self.empty(name)?;
         let work = self.root.join(format!("{name}.work"));
         std::fs::create_dir_all(&work)?;

@@ -424,3 +424,156 @@ async fn builds_docker_git_by_branch_tag_commit_then_execute() -> Result<()> {
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn builds_docker_survive_worker_kill_broker_restart_and_service_restart() -> Result<()> {
+    let rabbit = Rabbit::start().await?;
+    let git = GitServer::start().await?;
+    let s = stack(
+        &rabbit,
+        "faults",
+        &[
+            ("HEARTH_BUILDS_LEASE", "4"),
+            ("HEARTH_BUILDS_CONCURRENCY", "2"),
+        ],
+    )
+    .await?;
+    git.repository(
+        "node-fn",
+        &[(&[("index.js", &node_function("survivor"))], None)],
+    )?;
+    let mut api_process = BuildsProcess::start(&s.options, "api").await?;
+    let api = BuildsClient::new(&api_process.url, SECRET);
+    let mut submitted: Vec<String> = Vec::new();
+    let submit = |command: &str| json!({"source": {"type": "git", "url": git.git_url("node-fn")}, "image": NODE, "entrypoint": "index.js", "command": command});
+
+    // A worker SIGKILLed in the middle of a build: the job is redelivered and the build succeeds.
+    let mut worker = BuildsProcess::start(&s.options, "worker").await?;
+    let (_, build) = api.submit(&submit("sleep 5")).await?;
+    let id = build["id"].as_str().context("no id")?.to_string();
+    submitted.push(id.clone());
+    api.wait_for(&id, LONG, |b| b["status"] == "running")
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    worker.kill();
+    let killed_at = Instant::now();
+    let mut worker = BuildsProcess::start(&s.options, "worker").await?;
+    let build = api.wait(&id, LONG).await?;
+    ensure!(
+        build["status"] == "succeeded" && build["attempts"] == 2,
+        "after the kill: {build}"
+    );
+    let body = invoke(&s.ex, "after-kill", NODE, &artifact(&build)?, "index.js").await?;
+    ensure!(body == "survivor", "{body}");
+    println!(
+        "builds: worker killed mid-build; redelivered and built in {:.1}s",
+        killed_at.elapsed().as_secs_f64()
+    );
+
+    // RabbitMQ restarted with builds queued (no worker running): none is lost.
+    worker.kill();
+    let mut queued = Vec::new();
+    for _ in 0..5 {
+        let (status, build) = api.submit(&submit("")).await?;
+        ensure!(status == 202, "{build}");
+        queued.push(build["id"].as_str().context("no id")?.to_string());
+    }
+    submitted.extend(queued.iter().cloned());
+    let depth = rabbit.queue_depth(&s.options.queue)?;
+    ensure!(depth == 5, "{depth} jobs in the queue before the restart");
+    rabbit.restart().await?;
+    let depth = rabbit.queue_depth(&s.options.queue)?;
+    ensure!(depth == 5, "{depth} jobs in the queue after the restart");
+    let _worker = BuildsProcess::start(&s.options, "worker").await?;
+    for id in &queued {
+        let build = api.wait(id, LONG).await?;
+        ensure!(
+            build["status"] == "succeeded",
+            "after the broker restart: {build}"
+        );
+    }
+    // The API reconnects by itself, too.
+    let (status, build) = api.submit(&submit("")).await?;
+    ensure!(
+        status == 202,
+        "submit after the broker restart: {status} {build}"
+    );
+    let id = build["id"].as_str().context("no id")?.to_string();
+    submitted.push(id.clone());
+    ensure!(
+        api.wait(&id, LONG).await?["status"] == "succeeded",
+        "build after the restart"
+    );
+    println!("builds: broker restarted with 5 builds queued; 5 of 5 built");
+
+    // Infrastructure failures are retried with backoff, then dead-lettered.
+    let mut unreachable = s.options.clone();
+    unreachable.queue = format!("{}.dlq", s.options.queue);
+    unreachable
+        .extra
+        .push(("HEARTH_BUILDS_EXECUTOR".into(), "http://127.0.0.1:9".into()));
+    unreachable
+        .extra
+        .push(("HEARTH_BUILDS_MAX_ATTEMPTS".into(), "3".into()));
+    let dlq_api_process = BuildsProcess::start(&unreachable, "all").await?;
+    let dlq_api = BuildsClient::new(&dlq_api_process.url, SECRET);
+    let (_, build) = dlq_api.submit(&submit("")).await?;
+    let dlq_id = build["id"].as_str().context("no id")?.to_string();
+    submitted.push(dlq_id.clone());
+    let build = dlq_api.wait(&dlq_id, LONG).await?;
+    let error = build["error"].as_str().unwrap_or_default();
+    ensure!(
+        build["status"] == "failed"
+            && build["attempts"] == 3
+            && error.contains("gave up after 3 attempts"),
+        "{build}"
+    );
+    let dead = rabbit.queue_depth(&format!("{}.dead", unreachable.queue))?;
+    ensure!(dead == 1, "{dead} jobs dead-lettered");
+    let log = dlq_api.logs(&dlq_id).await?;
+    ensure!(
+        log.contains("Retrying in 0.2 s") && log.contains("Retrying in 0.4 s"),
+        "backoff: {log}"
+    );
+    println!(
+        "builds: executor unreachable -> 3 attempts with backoff, then dead-lettered: {error}"
+    );
+    drop(dlq_api_process);
+
+    // The build service restarted: every build's status is still there.
+    let before: Vec<Value> = futures_util::future::try_join_all(
+        submitted
+            .iter()
+            .filter(|i| **i != dlq_id)
+            .map(|id| api.get(id)),
+    )
+    .await?;
+    api_process.kill();
+    let api_process = BuildsProcess::start(&s.options, "api").await?;
+    let api = BuildsClient::new(&api_process.url, SECRET);
+    for old in &before {
+        let now = api.get(old["id"].as_str().unwrap_or_default()).await?;
+        ensure!(&now == old, "after the restart: {now} (was {old})");
+    }
+    let finished = before.iter().filter(|b| b["status"] == "succeeded").count();
+    println!(
+        "builds: submitted {}, finished {} (+1 dead-lettered)",
+        before.len(),
+        finished
+    );
+    ensure!(
+        finished == before.len(),
+        "submitted {} vs finished {finished}",
+        before.len()
+    );
+
+    for queue in [&s.options.queue, &unreachable.queue] {
+        hearth_builds::queue::Broker::new(
+            &rabbit.url(),
+            hearth_builds::queue::Topology::new(queue),
+        )
+        .delete_topology()
+        .await?;
+    }
+    Ok(())
+}
