@@ -86,6 +86,11 @@ pub struct Config {
     #[arg(long, env = "HEARTH_BALANCER_UNHEALTHY_THRESHOLD", default_value_t = 2)]
     pub unhealthy_threshold: u32,
 
+    /// The build service (`host:port` or `http://host:port`): `/v1/builds` goes there, so users
+    /// need one endpoint. Unset: those routes are 404.
+    #[arg(long, env = "HEARTH_BALANCER_BUILDS")]
+    pub builds: Option<String>,
+
     /// Seconds the balancer waits for requests in flight at shutdown.
     #[arg(long, env = "HEARTH_BALANCER_SHUTDOWN_GRACE", default_value_t = 30.0)]
     pub shutdown_grace: f64,

@@ -18,6 +18,8 @@ pub enum Route {
     List,
     /// `POST /v1/runtimes`: the runtime id is in the body.
     Create,
+    /// `/v1/builds…`: the build service's API, passed through.
+    Builds,
     /// Everything addressed to one runtime: get, delete, executions, logs, commands.
     Runtime {
         id: String,
@@ -43,6 +45,7 @@ impl Route {
             (&Method::GET, ["metrics"]) => Self::Metrics,
             (&Method::GET, ["v1", "runtimes"]) => Self::List,
             (&Method::POST, ["v1", "runtimes"]) => Self::Create,
+            (_, ["v1", "builds", ..]) => Self::Builds,
             (method, ["v1", "runtimes", id, rest @ ..]) if !id.is_empty() => {
                 let action = match (method, rest) {
                     (&Method::GET, []) => Action::Get,

@@ -49,12 +49,26 @@ pub struct Balancer {
     locations: DashMap<String, Arc<Upstream>>,
     pub metrics: Metrics,
     resolve_now: tokio::sync::Notify,
+    /// The build service, when configured.
+    builds: Option<Arc<Upstream>>,
 }
 
 impl Balancer {
     pub fn new(config: Config) -> Result<Arc<Self>, Error> {
         let targets = parse_targets(&config.executors)?;
+        let builds = match config.builds.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(entry) => {
+                let url = if entry.starts_with("http://") {
+                    entry.trim_end_matches('/').to_string()
+                } else {
+                    format!("http://{entry}")
+                };
+                Some(Arc::new(Upstream::new(url, 1.0)))
+            }
+        };
         Ok(Arc::new(Self {
+            builds,
             client: proxy::client(config.connect_timeout()),
             pool: Pool::default(),
             targets: RwLock::new(targets),
@@ -175,6 +189,31 @@ impl Balancer {
                 ))
             }
             Route::List => self.list(request).await,
+            Route::Builds => {
+                let Some(builds) = self.builds.clone() else {
+                    return Err(Error::RouteNotFound);
+                };
+                let (parts, body) = request.into_parts();
+                let mut payload = self.payload(&parts, body).await?;
+                let timeout = self.config.upstream_timeout();
+                match proxy::send(
+                    &self.client,
+                    &self.metrics,
+                    &builds,
+                    &parts,
+                    payload.take(),
+                    timeout,
+                )
+                .await
+                {
+                    Ok(response) => Ok(response),
+                    Err(SendError::Connect(reason)) => Err(Error::Connect {
+                        executor: format!("(build service) {}", builds.url),
+                        reason,
+                    }),
+                    Err(SendError::Failed(err)) => Err(err),
+                }
+            }
             Route::Create => {
                 let (parts, body) = request.into_parts();
                 let bytes =

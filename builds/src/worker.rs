@@ -187,7 +187,7 @@ impl Worker {
         .await;
 
         // The build runs while a watcher renews the lease and looks for a cancel.
-        let run = self.run(&build);
+        let (cancel, cancelled) = tokio::sync::watch::channel(false);
         let watch = async {
             let mut ticks = 0u32;
             loop {
@@ -198,18 +198,16 @@ impl Worker {
                 }
                 if let Ok(b) = self.store.get(&id).await {
                     if b.status == Status::Cancelled {
-                        return;
+                        let _ = cancel.send(true);
                     }
                 }
             }
         };
         let result = tokio::select! {
-            result = run => result,
-            () = watch => Err(Error::Cancelled),
+            result = self.run(&build, cancelled) => result,
+            never = watch => never,
         };
         if matches!(result, Err(Error::Cancelled)) {
-            // Stop the build where it runs; its container goes with it.
-            let _ = self.executor.delete_runtime(&runtime_id(&id)).await;
             self.log(&id, "Build cancelled.").await;
             return match self.finish(&id, |b| b.finished_at = Some(unix_now())).await {
                 Ok(_) => Outcome::Ack,
@@ -330,48 +328,23 @@ impl Worker {
         .await
     }
 
-    /// One attempt: source into storage, build through the executor.
-    async fn run(&self, build: &Build) -> Result<(Artifact, Option<String>)> {
+    /// One attempt: source into storage, build through the executor. A cancel stops the fetch
+    /// at once; a build already sent to the executor is stopped by removing its runtime, again
+    /// and again until the executor answers (a create still in flight may land after a first
+    /// remove).
+    async fn run(
+        &self,
+        build: &Build,
+        cancelled: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(Artifact, Option<String>)> {
         let id = &build.id;
         let spec = &build.spec;
         let folder = self.config.storage_root.join("builds").join(id);
         clear_artifacts(&folder).await;
-        let (source, commit) = match &spec.source {
-            Source::Git {
-                url,
-                reference,
-                subdirectory,
-            } => {
-                let checkout = self.config.work_dir.join(id);
-                self.log(
-                    id,
-                    &format!(
-                        "Fetching {url} at {}.",
-                        reference.as_deref().unwrap_or("HEAD")
-                    ),
-                )
-                .await;
-                let commit =
-                    fetch::fetch_git(url, reference.as_deref(), &checkout, self.config.fetch)
-                        .await?;
-                let root = fetch::subfolder(&checkout, subdirectory.as_deref());
-                let archive = folder.join("source.tar.gz");
-                let packed = match root {
-                    Ok(root) => {
-                        fetch::pack(root, archive.clone(), self.config.fetch.max_bytes).await
-                    }
-                    Err(err) => Err(err),
-                };
-                let _ = tokio::fs::remove_dir_all(&checkout).await;
-                let bytes = packed?;
-                self.log(
-                    id,
-                    &format!("Fetched commit {commit} ({bytes} bytes of source)."),
-                )
-                .await;
-                (archive.display().to_string(), Some(commit))
-            }
-            Source::Archive { path } => (self.archive_path(path)?.display().to_string(), None),
+        let mut cancel_seen = cancelled.clone();
+        let (source, commit) = tokio::select! {
+            prepared = self.prepare_source(build, &folder) => prepared?,
+            _ = cancel_seen.wait_for(|c| *c) => return Err(Error::Cancelled),
         };
         let runtime = runtime_id(id);
         self.executor.delete_runtime(&runtime).await?;
@@ -411,10 +384,24 @@ impl Worker {
                 let _ = store.append_log(&log_id, &line).await;
             }
         });
-        let result = self
+        let post = self
             .executor
-            .build(&body, Duration::from_secs(spec.timeout + 300))
-            .await;
+            .build(&body, Duration::from_secs(spec.timeout + 300));
+        tokio::pin!(post);
+        let mut stopping = false;
+        let result = loop {
+            tokio::select! {
+                result = &mut post => break result,
+                _ = cancel_seen.wait_for(|c| *c), if !stopping => stopping = true,
+                _ = tokio::time::sleep(Duration::from_millis(500)), if stopping => {}
+            }
+            let _ = self.executor.delete_runtime(&runtime).await;
+        };
+        let result = if stopping {
+            Err(Error::Cancelled)
+        } else {
+            result
+        };
         // The executor ends the stream within a second of the build; don't wait for more.
         if tokio::time::timeout(Duration::from_secs(3), follow)
             .await
@@ -424,6 +411,54 @@ impl Worker {
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
         result.map(|artifact| (artifact, commit))
+    }
+
+    /// The source as a storage path for the executor: a git checkout packed into the build's
+    /// folder, or the archive itself. Returns the path and, from git, the commit.
+    async fn prepare_source(
+        &self,
+        build: &Build,
+        folder: &Path,
+    ) -> Result<(String, Option<String>)> {
+        let spec = &build.spec;
+        let id = &build.id;
+        Ok(match &spec.source {
+            Source::Git {
+                url,
+                reference,
+                subdirectory,
+            } => {
+                let checkout = self.config.work_dir.join(id);
+                self.log(
+                    id,
+                    &format!(
+                        "Fetching {url} at {}.",
+                        reference.as_deref().unwrap_or("HEAD")
+                    ),
+                )
+                .await;
+                let commit =
+                    fetch::fetch_git(url, reference.as_deref(), &checkout, self.config.fetch)
+                        .await?;
+                let root = fetch::subfolder(&checkout, subdirectory.as_deref());
+                let archive = folder.join("source.tar.gz");
+                let packed = match root {
+                    Ok(root) => {
+                        fetch::pack(root, archive.clone(), self.config.fetch.max_bytes).await
+                    }
+                    Err(err) => Err(err),
+                };
+                let _ = tokio::fs::remove_dir_all(&checkout).await;
+                let bytes = packed?;
+                self.log(
+                    id,
+                    &format!("Fetched commit {commit} ({bytes} bytes of source)."),
+                )
+                .await;
+                (archive.display().to_string(), Some(commit))
+            }
+            Source::Archive { path } => (self.archive_path(path)?.display().to_string(), None),
+        })
     }
 
     /// An archive source must be a file inside storage (symlinks resolved).

@@ -459,6 +459,13 @@ impl Executor {
     }
 
     /// Takes `runtime` out of the table if it is still the entry (busy or not).
+    /// Whether the table still holds this very runtime (not deleted, not replaced).
+    fn holds(&self, runtime: &Arc<Runtime>) -> bool {
+        self.runtimes
+            .get(&runtime.id)
+            .is_some_and(|entry| Arc::ptr_eq(entry.value(), runtime))
+    }
+
     fn forget(&self, runtime: &Arc<Runtime>) -> bool {
         let removed = self
             .runtimes
@@ -500,6 +507,12 @@ impl Executor {
             .start_container(&runtime, &params, deadline.is_some())
             .await
             .map(|()| None);
+        if result.is_ok() && !self.holds(&runtime) {
+            // Deleted while its container was being made: the delete could not see the
+            // container yet, so it goes here, or it would outlive its runtime.
+            remove_container(self.adapter.as_ref(), &runtime).await;
+            result = Err(Error::RuntimeNotFound);
+        }
         if result.is_ok() {
             if let Some(deadline) = deadline {
                 // Ready only once it listens, so the waiting executions go straight through.

@@ -185,18 +185,37 @@ async fn builds_docker_git_by_branch_tag_commit_then_execute() -> Result<()> {
         "line format: {log}"
     );
 
-    // An archive already in storage.
+    // An archive already in storage, submitted through the balancer: one endpoint for all.
+    let balancer =
+        hearth_tests::balancer::TestBalancer::start(vec![s.ex.url.clone()], SECRET, |c| {
+            c.builds = Some(service.url.clone());
+        })
+        .await?;
+    let via_balancer = BuildsClient::new(&balancer.url, SECRET);
     let archive = s.ex.stage_source(
         &hearth_tests::runtime::repo_root().join("runtimes/node/example"),
         "archive-fn",
     )?;
-    let (status, build) = api.submit(&json!({"source": {"type": "archive", "path": archive}, "image": NODE, "entrypoint": "index.js"})).await?;
+    let (status, build) = via_balancer.submit(&json!({"source": {"type": "archive", "path": archive}, "image": NODE, "entrypoint": "index.js"})).await?;
     ensure!(status == 202, "{build}");
     let id = build["id"].as_str().context("no id")?.to_string();
     submitted.push(id.clone());
-    let build = api.wait(&id, LONG).await?;
+    let build = via_balancer.wait(&id, LONG).await?;
+    ensure!(
+        build == api.get(&id).await?,
+        "the balancer shows the build service's record"
+    );
     let body = invoke(&s.ex, "archive", NODE, &artifact(&build)?, "index.js").await?;
     ensure!(body == "Hello, World!", "archive body {body:?}");
+    let res = via_balancer
+        .http
+        .get(format!("{}/v1/builds", balancer.url))
+        .send()
+        .await?;
+    ensure!(
+        res.status() == 401,
+        "the build service's auth holds through the balancer"
+    );
 
     // Failures, each final with a clear reason.
     git.empty("empty")?;
@@ -319,18 +338,20 @@ async fn builds_docker_git_by_branch_tag_commit_then_execute() -> Result<()> {
         status == 200 && build["status"] == "cancelled",
         "{status} {build}"
     );
+    // The worker stops the build where it runs, then logs the cancel (asynchronously).
     let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let res = s.ex.get(&format!("/v1/runtimes/build-{id}")).send().await?;
-        if res.status() == 404 {
-            break;
-        }
+    while !api.logs(&id).await?.contains("Build cancelled.") {
         ensure!(
             Instant::now() < deadline,
-            "the cancelled build's runtime is still there"
+            "the worker did not stop the build"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let res = s.ex.get(&format!("/v1/runtimes/build-{id}")).send().await?;
+    ensure!(
+        res.status() == 404,
+        "the cancelled build's runtime is still there"
+    );
     let (status, body) = api.cancel(&id).await?;
     ensure!(
         status == 409 && body["type"] == "build_conflict",
@@ -411,10 +432,15 @@ async fn builds_docker_git_by_branch_tag_commit_then_execute() -> Result<()> {
         !counts.contains_key("queued") && !counts.contains_key("running"),
         "{counts:?}"
     );
+    let names = std::process::Command::new("docker")
+        .args(["ps", "-a", "--format", "{{.Names}} {{.Status}}", "--filter"])
+        .arg(format!("label=hearth.executor={}", s.ex.name))
+        .output()?;
+    let names = String::from_utf8_lossy(&names.stdout);
     ensure!(
-        s.ex.containers().len() == 6,
-        "runtimes left: {} (want the 6 executions)",
-        s.ex.containers().len()
+        names.lines().count() == 6,
+        "runtimes left (want the 6 executions): {names}\nbuilds: {submitted:?}\n{}",
+        service.logs()
     );
     hearth_builds::queue::Broker::new(
         &rabbit.url(),
