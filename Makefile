@@ -7,9 +7,10 @@ RUNTIME_IMAGES := node python wasm
 COMPOSE := $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 API := http://127.0.0.1:8080
 
-.PHONY: images base $(RUNTIME_IMAGES) executor-image balancer-image up down hello test lint bench clean-test
+.PHONY: images base $(RUNTIME_IMAGES) rabbitmq-image executor-image balancer-image builds-image up down hello test lint bench clean-test
 
-images: base $(RUNTIME_IMAGES)
+# The broker's image is here too: the build tests run RabbitMQ from it.
+images: base $(RUNTIME_IMAGES) rabbitmq-image
 
 base:
 	bash runtimes/base/build.sh
@@ -34,6 +35,14 @@ executor-image: base
 	@mkdir -p target/images/executor && cp target/release/hearth-executor target/images/executor/
 	docker build -q -t hearth/executor:latest -f executor/Dockerfile target/images/executor
 
+rabbitmq-image: base
+	docker build -q -t hearth/rabbitmq:3 builds/rabbitmq
+
+builds-image: base
+	$(CARGO) build --release -q -p hearth-builds
+	@mkdir -p target/images/builds && cp target/release/hearth-builds target/images/builds/
+	docker build -q -t hearth/builds:latest -f builds/Dockerfile target/images/builds
+
 balancer-image: base
 	$(CARGO) build --release -q -p hearth-balancer
 	@mkdir -p target/images/balancer && cp target/release/hearth-balancer target/images/balancer/
@@ -41,20 +50,23 @@ balancer-image: base
 
 # The stack: images, .env (a random OPR_EXECUTOR_SECRET once), the example staged in storage,
 # compose up, wait for health, print how to call it.
-up: images executor-image balancer-image
+up: images executor-image balancer-image builds-image
 	@test -f .env || printf 'OPR_EXECUTOR_SECRET=%s\n' "$$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')" > .env
 	@grep -q '^HEARTH_RUNTIMES_DIR=' .env || printf 'HEARTH_RUNTIMES_DIR=%s\n' "$(CURDIR)/data/runtimes" >> .env
-	@mkdir -p data/storage/functions data/runtimes
+	@mkdir -p data/storage/functions data/runtimes data/builds
 	@tar -C runtimes/node/example -czf data/storage/functions/hello.tar.gz .
 	@tar -C runtimes/python/example -czf data/storage/functions/hello-python.tar.gz .
 	@tar -C runtimes/wasm/example -czf data/storage/functions/hello-wasm.tar.gz .
 	$(COMPOSE) up -d
 	@for i in $$(seq 1 100); do curl -fsS $(API)/v1/health >/dev/null 2>&1 && break; sleep 0.2; done
 	@curl -fsS $(API)/v1/health >/dev/null || { echo "the executor did not become healthy"; $(COMPOSE) logs --tail 50; exit 1; }
+	@for i in $$(seq 1 100); do curl -fsS http://127.0.0.1:8081/v1/health >/dev/null 2>&1 && break; sleep 0.2; done
+	@curl -fsS http://127.0.0.1:8081/v1/health >/dev/null || { echo "the build service did not become healthy"; $(COMPOSE) logs --tail 50 builds; exit 1; }
 	@echo "Hearth is up: executor API at $(API) (secret in .env). Invoke the example:"
 	@echo "  curl -s -H \"Authorization: Bearer \$$(sed -n 's/^OPR_EXECUTOR_SECRET=//p' .env)\" -H 'Content-Type: application/json' \\"
 	@echo "    -d '{\"image\":\"hearth/node:v5-18\",\"source\":\"/storage/functions/hello.tar.gz\",\"entrypoint\":\"index.js\"}' \\"
 	@echo "    -H 'Accept: application/json' $(API)/v1/runtimes/hello/executions"
+	@echo "Build a function (git or archive) through the same endpoint: see the README's Builds section."
 
 # Removes everything `make up` started: the stack, its runtimes, its network.
 down:

@@ -266,11 +266,11 @@ impl Drop for GitServer {
 /// The `hearth-builds` binary of this workspace (built on demand when missing).
 pub fn builds_binary() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    // target/<profile>/deps/<test> → target/<profile>/hearth-builds
-    let profile = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("no target folder")?;
+    // A test runs from target/<profile>/deps/, a binary (the bench) from target/<profile>/.
+    let mut profile = exe.parent().context("no target folder")?;
+    if profile.ends_with("deps") {
+        profile = profile.parent().context("no target folder")?;
+    }
     let binary = profile.join("hearth-builds");
     if !binary.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());

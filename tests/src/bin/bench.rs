@@ -34,6 +34,7 @@ struct Args {
     starts: usize,
     executor: bool,
     balancer: bool,
+    builds: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -43,6 +44,7 @@ fn parse_args() -> Result<Args> {
         starts: 10,
         executor: true,
         balancer: true,
+        builds: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -65,6 +67,7 @@ fn parse_args() -> Result<Args> {
             "--starts" => args.starts = value.parse().context("--starts")?,
             "--executor" => args.executor = value.parse().context("--executor")?,
             "--balancer" => args.balancer = value.parse().context("--balancer")?,
+            "--builds" => args.builds = value.parse().context("--builds")?,
             other => bail!("unknown flag {other}"),
         }
     }
@@ -305,6 +308,11 @@ async fn main() -> Result<()> {
     } else {
         None
     };
+    let builds = if args.builds {
+        Some(builds::run().await?)
+    } else {
+        None
+    };
     let out_dir = runtime::repo_root().join("target").join("bench");
     std::fs::create_dir_all(&out_dir)?;
     let path = out_dir.join("results.json");
@@ -315,6 +323,7 @@ async fn main() -> Result<()> {
             "wasm_instantiation": instantiation,
             "executor": executor,
             "balancer": balancer,
+            "builds": builds,
         }))?,
     )?;
     println!("JSON: {}", path.display());
@@ -324,6 +333,10 @@ async fn main() -> Result<()> {
 /// Balancer vs nginx vs direct (a folder cargo does not take for a binary).
 #[path = "bench/balancer.rs"]
 mod balancer;
+
+/// The build queue's overhead and a git build vs its command run directly.
+#[path = "bench/builds.rs"]
+mod builds;
 
 mod executor_bench {
     //! The executor's numbers, from the executor image run as a container on the bench network.
