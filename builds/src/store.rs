@@ -78,6 +78,43 @@ impl Store {
         write_atomic(path, bytes).await
     }
 
+    /// Takes the build's lease if nobody holds a live one: the lease file is created exclusively,
+    /// so of two workers racing for one build exactly one wins. A lapsed lease is taken over.
+    pub async fn try_lease(&self, id: &str, lease: &Lease) -> Result<bool> {
+        let path = self.lease_path(id)?;
+        let bytes = serde_json::to_vec(lease).map_err(|e| store_error("encode", &path, e))?;
+        // Written whole to a private file, then linked into place: the link fails if a lease is
+        // there, and a lease that is there is always complete.
+        let tmp = path.with_extension(format!("claim.{}", rand::random::<u32>()));
+        write_atomic(tmp.clone(), bytes).await?;
+        let mut won = false;
+        for _ in 0..2 {
+            match tokio::fs::hard_link(&tmp, &path).await {
+                Ok(()) => {
+                    won = true;
+                    break;
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let live = self
+                        .lease(id)
+                        .await
+                        .is_some_and(|held| held.until > crate::unix_now());
+                    if live {
+                        break;
+                    }
+                    // Lapsed: take it over.
+                    let _ = tokio::fs::remove_file(&path).await;
+                }
+                Err(err) => {
+                    let _ = tokio::fs::remove_file(&tmp).await;
+                    return Err(store_error("link", &path, err));
+                }
+            }
+        }
+        let _ = tokio::fs::remove_file(&tmp).await;
+        Ok(won)
+    }
+
     /// The build's lease, if any (an unreadable one counts as none).
     pub async fn lease(&self, id: &str) -> Option<Lease> {
         let bytes = tokio::fs::read(self.lease_path(id).ok()?).await.ok()?;
@@ -256,6 +293,26 @@ mod tests {
             reopened.get("../etc/passwd").await,
             Err(Error::NotFound)
         ));
+    }
+
+    #[tokio::test]
+    async fn one_of_two_racing_workers_gets_the_lease_and_a_lapsed_one_is_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let lease = |holder: &str, until: f64| Lease {
+            holder: holder.into(),
+            until,
+        };
+        let later = crate::unix_now() + 60.0;
+        let (first, second) = (lease("a", later), lease("b", later));
+        let (a, b) = tokio::join!(
+            store.try_lease("b1", &first),
+            store.try_lease("b1", &second)
+        );
+        assert!(a.unwrap() ^ b.unwrap());
+        store.put_lease("b2", &lease("gone", 1.0)).await.unwrap();
+        assert!(store.try_lease("b2", &lease("c", later)).await.unwrap());
+        assert_eq!(store.lease("b2").await.unwrap().holder, "c");
     }
 
     #[tokio::test]

@@ -116,23 +116,36 @@ impl Worker {
         }
         // Another delivery of this build may be running (a duplicate message, or ours before a
         // broker reconnect): wait for its result or for its lease to lapse.
+        let holder = format!("{}-{:08x}", self.name, rand::random::<u32>());
         loop {
-            match self.store.lease(&job.id).await {
-                Some(lease) if lease.until > unix_now() => {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    match self.store.get(&job.id).await {
-                        Ok(b) if b.status.is_final() => return Outcome::Ack,
-                        Ok(_) => {}
-                        Err(_) => return Outcome::Requeue,
-                    }
-                }
-                _ => break,
+            let lease = Lease {
+                holder: holder.clone(),
+                until: unix_now() + self.config.lease.as_secs_f64(),
+            };
+            match self.store.try_lease(&job.id, &lease).await {
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(_) => return Outcome::Requeue,
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            match self.store.get(&job.id).await {
+                Ok(b) if b.status.is_final() => return Outcome::Ack,
+                Ok(_) => {}
+                Err(_) => return Outcome::Requeue,
             }
         }
-        let holder = format!("{}-{:08x}", self.name, rand::random::<u32>());
-        if self.renew(&job.id, &holder).await.is_err() {
-            return Outcome::Requeue;
-        }
+        // The record may have moved on while we waited for the lease.
+        let build = match self.store.get(&job.id).await {
+            Ok(b) if b.status.is_final() => {
+                self.store.drop_lease(&job.id).await;
+                return Outcome::Ack;
+            }
+            Ok(b) => b,
+            Err(_) => {
+                self.store.drop_lease(&job.id).await;
+                return Outcome::Requeue;
+            }
+        };
         let outcome = self.attempt(job, build, &holder).await;
         self.store.drop_lease(&job.id).await;
         outcome

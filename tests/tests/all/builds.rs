@@ -496,6 +496,43 @@ async fn builds_docker_survive_worker_kill_broker_restart_and_service_restart() 
         killed_at.elapsed().as_secs_f64()
     );
 
+    // A job delivered twice (here: published again by hand) builds once: the second delivery
+    // waits on the first one's lease, and a delivery of a finished build changes nothing.
+    let broker = hearth_builds::queue::Broker::new(
+        &rabbit.url(),
+        hearth_builds::queue::Topology::new(&s.options.queue),
+    );
+    let (_, build) = api.submit(&submit("sleep 3")).await?;
+    let twice = build["id"].as_str().context("no id")?.to_string();
+    submitted.push(twice.clone());
+    let again = hearth_builds::model::Job {
+        id: twice.clone(),
+        retries: 0,
+    };
+    broker.publish_job(&again).await?;
+    let first = api.wait(&twice, LONG).await?;
+    ensure!(
+        first["status"] == "succeeded" && first["attempts"] == 1,
+        "duplicate delivery: {first}"
+    );
+    broker.publish_job(&again).await?;
+    broker
+        .publish_job(&hearth_builds::model::Job {
+            id: id.clone(),
+            retries: 0,
+        })
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(
+        api.get(&twice).await? == first,
+        "a finished build changed on redelivery"
+    );
+    ensure!(
+        rabbit.queue_depth(&s.options.queue)? == 0,
+        "duplicates left in the queue"
+    );
+    println!("builds: a job delivered 3 times built once");
+
     // RabbitMQ restarted with builds queued (no worker running): none is lost.
     worker.kill();
     let mut queued = Vec::new();
