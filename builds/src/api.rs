@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
@@ -82,7 +82,6 @@ pub fn router(service: Arc<Service>) -> Router {
                 "Not Found",
             )
         })
-        .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(service)
 }
 
@@ -110,7 +109,10 @@ async fn authorize(State(service): State<Arc<Service>>, request: Request, next: 
     next.run(request).await
 }
 
-async fn submit(State(service): State<Arc<Service>>, body: Bytes) -> ApiResult {
+async fn submit(State(service): State<Arc<Service>>, body: Body) -> ApiResult {
+    let body = axum::body::to_bytes(body, BODY_LIMIT)
+        .await
+        .map_err(|_| Error::TooLarge(BODY_LIMIT))?;
     let body: Value = serde_json::from_slice(&body)
         .map_err(|e| Error::InvalidArgument(format!("The request body is not valid JSON: {e}")))?;
     let spec = Spec::from_request(&body)?;

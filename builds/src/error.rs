@@ -11,6 +11,9 @@ pub enum Error {
     /// The request is malformed or names something invalid (400).
     #[error("{0}")]
     InvalidArgument(String),
+    /// The request body is over the limit (413).
+    #[error("The request body is over {0} bytes")]
+    TooLarge(usize),
     /// No build with that id (404).
     #[error("Build not found")]
     NotFound,
@@ -42,6 +45,7 @@ impl Error {
     pub fn kind(&self) -> (&'static str, StatusCode) {
         match self {
             Error::InvalidArgument(_) => ("build_bad_request", StatusCode::BAD_REQUEST),
+            Error::TooLarge(_) => ("build_bad_request", StatusCode::PAYLOAD_TOO_LARGE),
             Error::NotFound => ("build_not_found", StatusCode::NOT_FOUND),
             Error::Conflict(_) => ("build_conflict", StatusCode::CONFLICT),
             Error::QueueUnavailable(_) => {

@@ -263,7 +263,9 @@ impl Drop for GitServer {
     }
 }
 
-/// The `hearth-builds` binary of this workspace (built on demand when missing).
+/// The `hearth-builds` binary of this workspace (built on demand when missing). `cargo test
+/// --workspace` (what `make test` runs) rebuilds it; `cargo test -p hearth-tests` alone does not,
+/// so run `cargo build -p hearth-builds` first after changing the build service.
 pub fn builds_binary() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     // A test runs from target/<profile>/deps/, a binary (the bench) from target/<profile>/.

@@ -147,34 +147,48 @@ async fn builds_docker_git_by_branch_tag_commit_then_execute() -> Result<()> {
         );
     }
 
-    // A Python function in a subdirectory, from file://.
-    git.repository(
+    // A Python function in a subdirectory, with history, by tag, branch and commit.
+    let py =
+        |text: &str| format!("async def main(context):\n    return context.res.text('{text}')\n");
+    let py_commits = git.repository(
         "py-fn",
-        &[(
-            &[
-                (
-                    "fn/main.py",
-                    "async def main(context):\n    return context.res.text('python from git')\n",
-                ),
-                ("README.md", "a function"),
-            ],
-            Some("v1"),
-        )],
+        &[
+            (
+                &[
+                    ("fn/main.py", &py("python v1")),
+                    ("README.md", "a function"),
+                ],
+                Some("v1"),
+            ),
+            (&[("fn/main.py", &py("python v2"))], None),
+        ],
     )?;
-    let mut request = git_build(&git.file_url("py-fn"), Some("v1"), PYTHON, "main.py");
-    request["source"]["subdirectory"] = json!("fn");
-    let (status, build) = api.submit(&request).await?;
-    ensure!(status == 202, "{build}");
-    let id = build["id"].as_str().context("no id")?.to_string();
-    submitted.push(id.clone());
-    let build = api.wait(&id, LONG).await?;
-    let body = invoke(&s.ex, "py-git", PYTHON, &artifact(&build)?, "main.py").await?;
-    ensure!(body == "python from git", "python body {body:?}");
+    let mut id = String::new();
+    for (reference, url, expected) in [
+        ("v1", git.file_url("py-fn"), "python v1"),
+        ("main", git.git_url("py-fn"), "python v2"),
+        (py_commits[0].as_str(), git.git_url("py-fn"), "python v1"),
+    ] {
+        let mut request = git_build(&url, Some(reference), PYTHON, "main.py");
+        request["source"]["subdirectory"] = json!("fn");
+        let (status, build) = api.submit(&request).await?;
+        ensure!(status == 202, "{build}");
+        id = build["id"].as_str().context("no id")?.to_string();
+        submitted.push(id.clone());
+        let build = api.wait(&id, LONG).await?;
+        let runtime = format!("py-git-{}", submitted.len());
+        let body = invoke(&s.ex, &runtime, PYTHON, &artifact(&build)?, "main.py").await?;
+        ensure!(
+            body == expected,
+            "python at {reference}: {body:?}, want {expected:?}"
+        );
+        println!("builds: python from {url} at {reference} -> {body:?}");
+    }
 
     // The log holds the fetch, the build's own output, and the result, in the executor's format.
     let log = api.logs(&id).await?;
     ensure!(
-        log.contains("Fetching file://")
+        log.contains("Fetching git://127.0.0.1")
             && log.contains("Build command execution started.")
             && log.contains("Build succeeded"),
         "log: {log}"
@@ -393,6 +407,12 @@ async fn builds_docker_git_by_branch_tag_commit_then_execute() -> Result<()> {
         .send()
         .await?;
     ensure!(res.status() == 401, "no key: {}", res.status());
+    let huge = json!({"source": {"type": "git", "url": "https://x/y"}, "image": NODE, "pad": "x".repeat(2 << 20)});
+    let (status, body) = api.submit(&huge).await?;
+    ensure!(
+        status == 413 && body["type"] == "build_bad_request",
+        "{status} {body}"
+    );
     let res = api
         .http
         .get(format!("{}/v1/builds/deadbeef", api.url))
@@ -438,8 +458,8 @@ async fn builds_docker_git_by_branch_tag_commit_then_execute() -> Result<()> {
         .output()?;
     let names = String::from_utf8_lossy(&names.stdout);
     ensure!(
-        names.lines().count() == 6,
-        "runtimes left (want the 6 executions): {names}\nbuilds: {submitted:?}\n{}",
+        names.lines().count() == 8,
+        "runtimes left (want the 8 executions): {names}\nbuilds: {submitted:?}\n{}",
         service.logs()
     );
     hearth_builds::queue::Broker::new(
