@@ -297,6 +297,10 @@ async fn builds_docker_git_by_branch_tag_commit_then_execute() -> Result<()> {
             "timed out",
         ),
         (
+            json!({"source": {"type": "git", "url": git.git_url("node-fn")}, "image": "hearth/no-such-image:1"}),
+            "runtime_failed",
+        ),
+        (
             json!({"source": {"type": "archive", "path": format!("{}/functions/nope.tar.gz", s.ex.storage.display())}, "image": NODE}),
             "not found",
         ),
