@@ -18,7 +18,7 @@ pub enum Route {
     List,
     /// `POST /v1/runtimes`: the runtime id is in the body.
     Create,
-    /// `/v1/builds…`: the build service's API, passed through.
+    /// `/v1/builds…`, `/v1/functions…`, `/v1/uploads`: the build service's API, passed through.
     Builds,
     /// Everything addressed to one runtime: get, delete, executions, logs, commands.
     Runtime {
@@ -45,7 +45,7 @@ impl Route {
             (&Method::GET, ["metrics"]) => Self::Metrics,
             (&Method::GET, ["v1", "runtimes"]) => Self::List,
             (&Method::POST, ["v1", "runtimes"]) => Self::Create,
-            (_, ["v1", "builds", ..]) => Self::Builds,
+            (_, ["v1", "builds" | "functions" | "uploads", ..]) => Self::Builds,
             (method, ["v1", "runtimes", id, rest @ ..]) if !id.is_empty() => {
                 let action = match (method, rest) {
                     (&Method::GET, []) => Action::Get,

@@ -31,6 +31,10 @@ pub struct Service {
     pub store: Store,
     pub broker: Arc<Broker>,
     pub secret: String,
+    /// Where uploads go (`<storage>/uploads/`), as storage paths.
+    pub storage_root: std::path::PathBuf,
+    /// Largest upload in bytes.
+    pub max_upload: u64,
 }
 
 /// An error on its way to the client; 5xx are logged with their message.
@@ -71,6 +75,12 @@ pub fn router(service: Arc<Service>) -> Router {
         .route("/v1/builds", get(list).post(submit))
         .route("/v1/builds/{id}", get(inspect).delete(cancel))
         .route("/v1/builds/{id}/logs", get(stream_logs))
+        .route("/v1/uploads", axum::routing::post(upload))
+        .route("/v1/functions", get(list_functions))
+        .route(
+            "/v1/functions/{name}",
+            get(get_function).delete(remove_function),
+        )
         .route_layer(middleware::from_fn_with_state(service.clone(), authorize));
     Router::new()
         .route("/v1/health", get(|| async { "OK" }))
@@ -192,6 +202,90 @@ async fn cancel(State(service): State<Arc<Service>>, Path(id): Path<String>) -> 
         })
         .await?;
     Ok(Json(build.to_json()).into_response())
+}
+
+/// `POST /v1/uploads`: a `.tar.gz` of a function's folder (what `hearth deploy <dir>` sends),
+/// streamed into storage under a limit; the reply's `path` is an archive source for a build.
+async fn upload(State(service): State<Arc<Service>>, body: Body) -> ApiResult {
+    use futures_util::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    let folder = service.storage_root.join("uploads");
+    tokio::fs::create_dir_all(&folder)
+        .await
+        .map_err(|e| Error::Store(format!("failed to create {}: {e}", folder.display())))?;
+    let name = format!(
+        "{:016x}{:08x}.tar.gz",
+        rand::random::<u64>(),
+        rand::random::<u32>()
+    );
+    let path = folder.join(&name);
+    let tmp = folder.join(format!("{name}.part"));
+    let mut file = tokio::fs::File::create(&tmp)
+        .await
+        .map_err(|e| Error::Store(format!("failed to create {}: {e}", tmp.display())))?;
+    let mut stream = body.into_data_stream();
+    let mut size = 0u64;
+    let result: Result<(), Error> = async {
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk
+                .map_err(|e| Error::InvalidArgument(format!("The upload was cut off: {e}")))?;
+            if size == 0 && chunk.len() >= 2 && chunk[..2] != [0x1f, 0x8b] {
+                return Err(Error::InvalidArgument(
+                    "The upload must be a .tar.gz archive".into(),
+                ));
+            }
+            size += chunk.len() as u64;
+            if size > service.max_upload {
+                return Err(Error::TooLarge(service.max_upload as usize));
+            }
+            file.write_all(&chunk)
+                .await
+                .map_err(|e| Error::Store(format!("failed to write {}: {e}", tmp.display())))?;
+        }
+        if size == 0 {
+            return Err(Error::InvalidArgument("The upload is empty".into()));
+        }
+        file.sync_all()
+            .await
+            .map_err(|e| Error::Store(format!("failed to sync {}: {e}", tmp.display())))?;
+        tokio::fs::rename(&tmp, &path)
+            .await
+            .map_err(|e| Error::Store(format!("failed to store {}: {e}", path.display())))
+    }
+    .await;
+    if let Err(err) = result {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Err(err.into());
+    }
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"path": path.display().to_string(), "size": size})),
+    )
+        .into_response())
+}
+
+async fn list_functions(State(service): State<Arc<Service>>) -> ApiResult {
+    let functions = service.store.functions().await?;
+    Ok(Json(json!({"total": functions.len(), "functions": functions})).into_response())
+}
+
+async fn get_function(State(service): State<Arc<Service>>, Path(name): Path<String>) -> ApiResult {
+    match service.store.function(&name).await {
+        Ok(function) => Ok(Json(function).into_response()),
+        Err(Error::NotFound) => Err(Error::FunctionNotFound(name).into()),
+        Err(err) => Err(err.into()),
+    }
+}
+
+async fn remove_function(
+    State(service): State<Arc<Service>>,
+    Path(name): Path<String>,
+) -> ApiResult {
+    match service.store.remove_function(&name).await {
+        Ok(function) => Ok(Json(function).into_response()),
+        Err(Error::NotFound) => Err(Error::FunctionNotFound(name).into()),
+        Err(err) => Err(err.into()),
+    }
 }
 
 #[derive(Deserialize)]

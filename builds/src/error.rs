@@ -14,6 +14,9 @@ pub enum Error {
     /// The request body is over the limit (413).
     #[error("The request body is over {0} bytes")]
     TooLarge(usize),
+    /// No function with that name (404).
+    #[error("Function {0} not found: deploy it first")]
+    FunctionNotFound(String),
     /// No build with that id (404).
     #[error("Build not found")]
     NotFound,
@@ -47,6 +50,7 @@ impl Error {
             Error::InvalidArgument(_) => ("build_bad_request", StatusCode::BAD_REQUEST),
             Error::TooLarge(_) => ("build_bad_request", StatusCode::PAYLOAD_TOO_LARGE),
             Error::NotFound => ("build_not_found", StatusCode::NOT_FOUND),
+            Error::FunctionNotFound(_) => ("function_not_found", StatusCode::NOT_FOUND),
             Error::Conflict(_) => ("build_conflict", StatusCode::CONFLICT),
             Error::QueueUnavailable(_) => {
                 ("build_queue_unavailable", StatusCode::SERVICE_UNAVAILABLE)

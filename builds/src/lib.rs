@@ -96,6 +96,8 @@ pub async fn run(
             store: store.clone(),
             broker: broker.clone(),
             secret: config.secret.clone(),
+            storage_root: config.storage_root.clone(),
+            max_upload: config.max_source_mb * 1024 * 1024,
         });
         tokio::spawn(api::requeue_unpublished(service.clone()));
         let app = api::router(service);

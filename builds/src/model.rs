@@ -63,6 +63,9 @@ pub struct Spec {
     pub command: String,
     #[serde(default)]
     pub entrypoint: String,
+    /// The function this build deploys: on success it becomes the function's current build.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub function: String,
     #[serde(default)]
     pub variables: BTreeMap<String, String>,
     /// Seconds for the build command.
@@ -136,6 +139,7 @@ impl Build {
             "cpus": spec.cpus,
             "memory": spec.memory,
             "cacheKey": spec.cache_key,
+            "function": spec.function,
             "version": spec.version,
             "createdAt": self.created_at,
             "startedAt": self.started_at,
@@ -160,6 +164,34 @@ pub struct Job {
     /// Retries scheduled after infrastructure failures so far.
     #[serde(default)]
     pub retries: u32,
+}
+
+/// A function's name: `^[a-z0-9][a-z0-9-]{0,47}$` (it becomes part of a runtime id).
+pub fn valid_function_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && name.len() <= 48
+        && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// A deployed function: its current build and how to run it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Function {
+    pub name: String,
+    pub build: String,
+    /// The executor runtime of this deployment: a new one per build, so a redeploy starts
+    /// fresh while calls to the old one finish.
+    pub runtime_id: String,
+    pub image: String,
+    pub entrypoint: String,
+    pub version: String,
+    pub artifact: Artifact,
+    /// When the build was submitted (a slower, older build never replaces a newer one).
+    pub built_from: f64,
+    pub deployed_at: f64,
 }
 
 /// Most a build id may be; ids are ours, so anything else is not a build.
@@ -346,6 +378,10 @@ impl Spec {
                 ));
             }
         }
+        let function = string_field(body, "function", 48)?;
+        if !function.is_empty() && !valid_function_name(&function) {
+            return Err(bad("Invalid `function` param: lowercase letters, digits and -, starting with a letter or digit, at most 48"));
+        }
         let version = string_field(body, "version", 8)?;
         let version = match version.as_str() {
             "" | "v5" => "v5".to_string(),
@@ -357,6 +393,7 @@ impl Spec {
             image,
             command,
             entrypoint,
+            function,
             variables,
             timeout: timeout as u64,
             cpus,

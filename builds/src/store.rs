@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::model::{valid_id, Build, Lease};
+use crate::model::{valid_function_name, valid_id, Build, Function, Lease};
 
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -15,6 +15,7 @@ pub struct Store {
     logs: PathBuf,
     leases: PathBuf,
     unconfirmed: PathBuf,
+    functions: PathBuf,
 }
 
 fn store_error(op: &str, path: &Path, err: impl std::fmt::Display) -> Error {
@@ -29,12 +30,14 @@ impl Store {
             logs: dir.join("logs"),
             leases: dir.join("leases"),
             unconfirmed: dir.join("unconfirmed"),
+            functions: dir.join("functions"),
         };
         for folder in [
             &store.builds,
             &store.logs,
             &store.leases,
             &store.unconfirmed,
+            &store.functions,
         ] {
             std::fs::create_dir_all(folder).map_err(|e| store_error("create", folder, e))?;
         }
@@ -76,6 +79,69 @@ impl Store {
         let path = self.lease_path(id)?;
         let bytes = serde_json::to_vec(lease).map_err(|e| store_error("encode", &path, e))?;
         write_atomic(path, bytes).await
+    }
+
+    fn function_path(&self, name: &str) -> Result<PathBuf> {
+        if !valid_function_name(name) {
+            return Err(Error::NotFound);
+        }
+        Ok(self.functions.join(format!("{name}.json")))
+    }
+
+    /// The function, or [`Error::NotFound`].
+    pub async fn function(&self, name: &str) -> Result<Function> {
+        let path = self.function_path(name)?;
+        match tokio::fs::read(&path).await {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|e| store_error("decode", &path, e))
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Err(Error::NotFound),
+            Err(err) => Err(store_error("read", &path, err)),
+        }
+    }
+
+    /// Makes `function` the current deployment of its name, unless a newer build already is.
+    pub async fn deploy(&self, function: &Function) -> Result<()> {
+        match self.function(&function.name).await {
+            Ok(current) if current.built_from > function.built_from => return Ok(()),
+            Ok(_) | Err(Error::NotFound) => {}
+            Err(err) => return Err(err),
+        }
+        let path = self.function_path(&function.name)?;
+        let bytes =
+            serde_json::to_vec_pretty(function).map_err(|e| store_error("encode", &path, e))?;
+        write_atomic(path, bytes).await
+    }
+
+    pub async fn functions(&self) -> Result<Vec<Function>> {
+        let mut functions = Vec::new();
+        let mut dir = tokio::fs::read_dir(&self.functions)
+            .await
+            .map_err(|e| store_error("list", &self.functions, e))?;
+        while let Some(entry) = dir
+            .next_entry()
+            .await
+            .map_err(|e| store_error("list", &self.functions, e))?
+        {
+            let name = entry.file_name();
+            if let Some(name) = name.to_str().and_then(|n| n.strip_suffix(".json")) {
+                if let Ok(function) = self.function(name).await {
+                    functions.push(function);
+                }
+            }
+        }
+        functions.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(functions)
+    }
+
+    /// Forgets a function (its builds stay).
+    pub async fn remove_function(&self, name: &str) -> Result<Function> {
+        let function = self.function(name).await?;
+        let path = self.function_path(name)?;
+        tokio::fs::remove_file(&path)
+            .await
+            .map_err(|e| store_error("remove", &path, e))?;
+        Ok(function)
     }
 
     /// Takes the build's lease if nobody holds a live one: the lease file is created exclusively,
@@ -259,6 +325,7 @@ mod tests {
                 image: "hearth/node:v5-18".into(),
                 command: String::new(),
                 entrypoint: String::new(),
+                function: String::new(),
                 variables: Default::default(),
                 timeout: 600,
                 cpus: 1.0,

@@ -13,7 +13,7 @@ use serde_json::json;
 use crate::error::{Error, Result};
 use crate::executor_api::ExecutorClient;
 use crate::fetch::{self, Limits};
-use crate::model::{Artifact, Build, Job, Lease, Source, Status};
+use crate::model::{Artifact, Build, Function, Job, Lease, Source, Status};
 use crate::queue::{Broker, Incoming};
 use crate::store::{log_line, Store};
 use crate::unix_now;
@@ -237,6 +237,26 @@ impl Worker {
                     ),
                 )
                 .await;
+                let spec = &build.spec;
+                if !spec.function.is_empty() {
+                    let function = Function {
+                        name: spec.function.clone(),
+                        build: id.clone(),
+                        runtime_id: format!("fn-{}-{}", spec.function, &id[..id.len().min(12)]),
+                        image: spec.image.clone(),
+                        entrypoint: spec.entrypoint.clone(),
+                        version: spec.version.clone(),
+                        artifact: artifact.clone(),
+                        built_from: build.created_at,
+                        deployed_at: unix_now(),
+                    };
+                    if let Err(err) = self.store.deploy(&function).await {
+                        tracing::warn!(build = %id, error = %err, "could not record the deployment");
+                        return Outcome::Requeue;
+                    }
+                    self.log(&id, &format!("Deployed as function {}.", spec.function))
+                        .await;
+                }
                 self.complete(&id, |b| {
                     b.status = Status::Succeeded;
                     b.artifact = Some(artifact);

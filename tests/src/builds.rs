@@ -263,28 +263,27 @@ impl Drop for GitServer {
     }
 }
 
-/// The `hearth-builds` binary of this workspace (built on demand when missing). `cargo test
-/// --workspace` (what `make test` runs) rebuilds it; `cargo test -p hearth-tests` alone does not,
-/// so run `cargo build -p hearth-builds` first after changing the build service.
+/// The `hearth-builds` binary of this workspace.
 pub fn builds_binary() -> Result<PathBuf> {
+    workspace_binary("hearth-builds", "hearth-builds")
+}
+
+/// A binary of this workspace's package, next to the running test or bench (same profile).
+pub fn workspace_binary(package: &str, bin: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     // A test runs from target/<profile>/deps/, a binary (the bench) from target/<profile>/.
     let mut profile = exe.parent().context("no target folder")?;
     if profile.ends_with("deps") {
         profile = profile.parent().context("no target folder")?;
     }
-    let binary = profile.join("hearth-builds");
-    if !binary.exists() {
+    let binary = profile.join(bin);
+    // Under cargo (tests) it is always built, so a test never runs a stale binary; the build is
+    // a no-op when nothing changed.
+    let under_cargo = std::env::var_os("CARGO").is_some();
+    if under_cargo || !binary.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = Command::new(cargo);
-        build.args([
-            "build",
-            "-q",
-            "-p",
-            "hearth-builds",
-            "--bin",
-            "hearth-builds",
-        ]);
+        build.args(["build", "-q", "-p", package, "--bin", bin]);
         if profile.ends_with("release") {
             build.arg("--release");
         }

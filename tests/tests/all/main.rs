@@ -1,4 +1,5 @@
 mod balancer;
 mod builds;
+mod cli;
 mod conformance;
 mod executor;
