@@ -7,7 +7,7 @@ RUNTIME_IMAGES := node python wasm
 COMPOSE := $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 API := http://127.0.0.1:8080
 
-.PHONY: images base $(RUNTIME_IMAGES) rabbitmq-image executor-image balancer-image builds-image up down hello test lint bench clean-test
+.PHONY: images base $(RUNTIME_IMAGES) rabbitmq-image executor-image balancer-image builds-image up down hello cli test lint bench clean-test
 
 # The broker's image is here too: the build tests run RabbitMQ from it.
 images: base $(RUNTIME_IMAGES) rabbitmq-image
@@ -78,6 +78,11 @@ down:
 # Build the images, build the Node example with the image's build step, run it, call it once.
 hello: images
 	bash runtimes/hello.sh node
+
+# The `hearth` command, at target/release/hearth.
+cli:
+	$(CARGO) build --release -q -p hearth-cli
+	@echo "target/release/hearth (run it from this folder: it reads the secret from .env)"
 
 lint:
 	$(CARGO) fmt --all -- --check
