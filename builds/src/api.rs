@@ -131,18 +131,7 @@ async fn submit(State(service): State<Arc<Service>>, body: Body) -> ApiResult {
         rand::random::<u64>(),
         rand::random::<u16>()
     );
-    let mut build = Build {
-        id: id.clone(),
-        status: Status::Queued,
-        spec,
-        created_at: unix_now(),
-        started_at: None,
-        finished_at: None,
-        attempts: 0,
-        artifact: None,
-        error: None,
-        commit: None,
-    };
+    let mut build = Build::queued(id.clone(), spec, unix_now());
     // Stored first, then queued: a crash in between leaves an unconfirmed build that is queued
     // again at the next start, never a job without a build.
     service.store.unconfirmed(&id).await?;

@@ -123,6 +123,22 @@ pub struct Lease {
 }
 
 impl Build {
+    /// A build just submitted.
+    pub fn queued(id: String, spec: Spec, created_at: f64) -> Self {
+        Self {
+            id,
+            status: Status::Queued,
+            spec,
+            created_at,
+            started_at: None,
+            finished_at: None,
+            attempts: 0,
+            artifact: None,
+            error: None,
+            commit: None,
+        }
+    }
+
     /// The reply of the API: the record without variable values (they may hold secrets) and
     /// without internal bookkeeping.
     pub fn to_json(&self) -> Value {
@@ -482,18 +498,7 @@ mod tests {
     #[test]
     fn the_reply_hides_variable_values() {
         let spec = Spec::from_request(&git(json!({"variables": {"TOKEN": "s3cret"}}))).unwrap();
-        let build = Build {
-            id: "b1".into(),
-            status: Status::Queued,
-            spec,
-            created_at: 1.0,
-            started_at: None,
-            finished_at: None,
-            attempts: 0,
-            artifact: None,
-            error: None,
-            commit: None,
-        };
+        let build = Build::queued("b1".into(), spec, 1.0);
         let text = build.to_json().to_string();
         assert!(text.contains("TOKEN") && !text.contains("s3cret"), "{text}");
     }

@@ -312,35 +312,14 @@ pub fn log_line(content: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Source, Spec, Status};
+    use crate::model::{Spec, Status};
 
     fn build(id: &str) -> Build {
-        Build {
-            id: id.into(),
-            status: Status::Queued,
-            spec: Spec {
-                source: Source::Archive {
-                    path: "/storage/a.tar.gz".into(),
-                },
-                image: "hearth/node:v5-18".into(),
-                command: String::new(),
-                entrypoint: String::new(),
-                function: String::new(),
-                variables: Default::default(),
-                timeout: 600,
-                cpus: 1.0,
-                memory: 512,
-                cache_key: String::new(),
-                version: "v5".into(),
-            },
-            created_at: 1.0,
-            started_at: None,
-            finished_at: None,
-            attempts: 0,
-            artifact: None,
-            error: None,
-            commit: None,
-        }
+        let body = serde_json::json!({
+            "source": {"type": "archive", "path": "/storage/a.tar.gz"},
+            "image": "hearth/node:v5-18",
+        });
+        Build::queued(id.into(), Spec::from_request(&body).unwrap(), 1.0)
     }
 
     #[tokio::test]

@@ -304,6 +304,27 @@ pub struct ServiceOptions {
     pub extra: Vec<(String, String)>,
 }
 
+impl ServiceOptions {
+    /// A build service for `executor` (its storage is shared), on `rabbit`, with its own queue
+    /// named after `name` and its state in `state_dir`.
+    pub fn new(
+        executor: &crate::executor::TestExecutor,
+        rabbit: &Rabbit,
+        name: &str,
+        state_dir: &Path,
+    ) -> Self {
+        Self {
+            secret: crate::executor::SECRET.to_string(),
+            executor: executor.url.clone(),
+            amqp: rabbit.url(),
+            queue: format!("hearth.test.{name}.{}", std::process::id()),
+            state_dir: state_dir.to_path_buf(),
+            storage_root: executor.storage.clone(),
+            extra: Vec::new(),
+        }
+    }
+}
+
 /// One `hearth-builds` process.
 pub struct BuildsProcess {
     pub url: String,

@@ -62,18 +62,11 @@ struct Stack {
 async fn stack(rabbit: &Rabbit, name: &str, extra: &[(&str, &str)]) -> Result<Stack> {
     let ex = TestExecutor::start(Options::named(name)).await?;
     let state = TempDir::new("hearth-builds-state")?;
-    let options = ServiceOptions {
-        secret: SECRET.to_string(),
-        executor: ex.url.clone(),
-        amqp: rabbit.url(),
-        queue: format!("hearth.test.{name}.{}", std::process::id()),
-        state_dir: state.0.clone(),
-        storage_root: ex.storage.clone(),
-        extra: extra
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    };
+    let mut options = ServiceOptions::new(&ex, rabbit, name, &state.0);
+    options.extra = extra
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     Ok(Stack {
         ex,
         options,

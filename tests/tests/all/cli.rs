@@ -58,15 +58,7 @@ async fn cli_docker_deploy_invoke_ls_rm_from_git_and_folder() -> Result<()> {
     let git = GitServer::start().await?;
     let ex = TestExecutor::start(Options::named("cli")).await?;
     let state = TempDir::new("hearth-cli-state")?;
-    let options = ServiceOptions {
-        secret: SECRET.to_string(),
-        executor: ex.url.clone(),
-        amqp: rabbit.url(),
-        queue: format!("hearth.test.cli.{}", std::process::id()),
-        state_dir: state.0.clone(),
-        storage_root: ex.storage.clone(),
-        extra: Vec::new(),
-    };
+    let options = ServiceOptions::new(&ex, &rabbit, "cli", &state.0);
     let service = BuildsProcess::start(&options, "all").await?;
     let balancer = TestBalancer::start(vec![ex.url.clone()], SECRET, |c| {
         c.builds = Some(service.url.clone());

@@ -34,15 +34,7 @@ pub async fn run() -> Result<Value> {
     )?;
     let ex = TestExecutor::start(Options::named("bench-builds")).await?;
     let state = TempDir::new("hearth-bench-builds")?;
-    let options = ServiceOptions {
-        secret: EXECUTOR_SECRET.to_string(),
-        executor: ex.url.clone(),
-        amqp: rabbit.url(),
-        queue: format!("hearth.bench.{}", std::process::id()),
-        state_dir: state.0.clone(),
-        storage_root: ex.storage.clone(),
-        extra: Vec::new(),
-    };
+    let options = ServiceOptions::new(&ex, &rabbit, "bench", &state.0);
     let service = BuildsProcess::start(&options, "all").await?;
     let api = BuildsClient::new(&service.url, EXECUTOR_SECRET);
     let request = json!({
