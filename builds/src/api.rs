@@ -31,8 +31,8 @@ pub struct Service {
     pub store: Store,
     pub broker: Arc<Broker>,
     pub secret: String,
-    /// Where uploads go (`<storage>/uploads/`), as storage paths.
-    pub storage_root: std::path::PathBuf,
+    /// The executor's storage; uploads go to `uploads/` in it.
+    pub storage: Arc<hearth_executor::storage::Storage>,
     /// Largest upload in bytes.
     pub max_upload: u64,
 }
@@ -197,58 +197,58 @@ async fn cancel(State(service): State<Arc<Service>>, Path(id): Path<String>) -> 
 /// streamed into storage under a limit; the reply's `path` is an archive source for a build.
 async fn upload(State(service): State<Arc<Service>>, body: Body) -> ApiResult {
     use futures_util::StreamExt;
-    use tokio::io::AsyncWriteExt;
-    let folder = service.storage_root.join("uploads");
-    tokio::fs::create_dir_all(&folder)
-        .await
-        .map_err(|e| Error::Store(format!("failed to create {}: {e}", folder.display())))?;
     let name = format!(
-        "{:016x}{:08x}.tar.gz",
+        "uploads/{:016x}{:08x}.tar.gz",
         rand::random::<u64>(),
         rand::random::<u32>()
     );
-    let path = folder.join(&name);
-    let tmp = folder.join(format!("{name}.part"));
-    let mut file = tokio::fs::File::create(&tmp)
-        .await
-        .map_err(|e| Error::Store(format!("failed to create {}: {e}", tmp.display())))?;
-    let mut stream = body.into_data_stream();
+    let object = object_store::path::Path::from(name);
+    let limit = service.max_upload;
+    // Why the stream stopped, when it was the upload's fault rather than the storage's.
+    let refused: Arc<std::sync::Mutex<Option<Error>>> = Arc::default();
     let mut size = 0u64;
-    let result: Result<(), Error> = async {
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk
-                .map_err(|e| Error::InvalidArgument(format!("The upload was cut off: {e}")))?;
-            if size == 0 && chunk.len() >= 2 && chunk[..2] != [0x1f, 0x8b] {
-                return Err(Error::InvalidArgument(
-                    "The upload must be a .tar.gz archive".into(),
-                ));
+    let verdict = refused.clone();
+    let chunks = body.into_data_stream().map(move |chunk| {
+        let refuse = |err: Error| {
+            let message = err.to_string();
+            if let Ok(mut slot) = verdict.lock() {
+                *slot = Some(err);
             }
-            size += chunk.len() as u64;
-            if size > service.max_upload {
-                return Err(Error::TooLarge(service.max_upload as usize));
+            Err(message)
+        };
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                return refuse(Error::InvalidArgument(format!(
+                    "The upload was cut off: {e}"
+                )))
             }
-            file.write_all(&chunk)
-                .await
-                .map_err(|e| Error::Store(format!("failed to write {}: {e}", tmp.display())))?;
+        };
+        if size == 0 && chunk.len() >= 2 && chunk[..2] != [0x1f, 0x8b] {
+            return refuse(Error::InvalidArgument(
+                "The upload must be a .tar.gz archive".into(),
+            ));
         }
-        if size == 0 {
-            return Err(Error::InvalidArgument("The upload is empty".into()));
+        size += chunk.len() as u64;
+        if size > limit {
+            return refuse(Error::TooLarge(limit as usize));
         }
-        file.sync_all()
-            .await
-            .map_err(|e| Error::Store(format!("failed to sync {}: {e}", tmp.display())))?;
-        tokio::fs::rename(&tmp, &path)
-            .await
-            .map_err(|e| Error::Store(format!("failed to store {}: {e}", path.display())))
-    }
-    .await;
-    if let Err(err) = result {
-        let _ = tokio::fs::remove_file(&tmp).await;
-        return Err(err.into());
-    }
+        Ok(chunk)
+    });
+    let stored = service.storage.put_stream(&object, Box::pin(chunks)).await;
+    let refusal = refused.lock().ok().and_then(|mut slot| slot.take());
+    let size = match (stored, refusal) {
+        (_, Some(err)) => return Err(err.into()),
+        (Err(err), None) => {
+            return Err(Error::Store(format!("failed to store the upload: {err}")).into())
+        }
+        (Ok(0), None) => return Err(Error::InvalidArgument("The upload is empty".into()).into()),
+        (Ok(size), None) => size,
+    };
+    let path = service.storage.api_path(&object);
     Ok((
         StatusCode::CREATED,
-        Json(json!({"path": path.display().to_string(), "size": size})),
+        Json(json!({"path": path, "size": size})),
     )
         .into_response())
 }

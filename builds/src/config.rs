@@ -51,9 +51,18 @@ pub struct Config {
         default_value = "/var/lib/hearth-builds"
     )]
     pub state_dir: PathBuf,
-    /// Where storage paths live here; the executor must see the same paths.
+    /// Where storage paths live here for local storage; the executor must see the same paths.
     #[arg(long, env = "HEARTH_BUILDS_STORAGE_ROOT", default_value = "/storage")]
     pub storage_root: PathBuf,
+    /// The executor's storage (`local://localhost` or `s3://key:secret@host:port/bucket?region=…`):
+    /// sources and artifacts go where the executor reads them.
+    #[arg(
+        long,
+        env = "OPR_EXECUTOR_CONNECTION_STORAGE",
+        default_value = "local://localhost",
+        hide_env_values = true
+    )]
+    pub storage: String,
     #[arg(long, env = "HEARTH_BUILDS_ROLE", value_enum, default_value = "all")]
     pub role: Role,
     /// Builds one worker process runs at once (also its prefetch).
@@ -97,6 +106,7 @@ impl Config {
             queue: queue.to_string(),
             state_dir,
             storage_root,
+            storage: "local://localhost".to_string(),
             role: Role::All,
             concurrency: 2,
             max_source_mb: 100,

@@ -57,6 +57,10 @@ pub async fn run(
         &config.amqp,
         queue::Topology::new(&config.queue),
     ));
+    let storage = Arc::new(
+        hearth_executor::storage::Storage::open(&config.storage, &config.storage_root)
+            .map_err(|e| anyhow::anyhow!("failed to open storage: {e}"))?,
+    );
     let (stop, stopping) = tokio::sync::watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
 
@@ -67,7 +71,7 @@ pub async fn run(
             broker.clone(),
             executor,
             worker::WorkerConfig {
-                storage_root: config.storage_root.clone(),
+                storage: storage.clone(),
                 work_dir: config.state_dir.join("work"),
                 fetch: fetch::Limits {
                     timeout: Duration::from_secs(config.fetch_timeout),
@@ -96,7 +100,7 @@ pub async fn run(
             store: store.clone(),
             broker: broker.clone(),
             secret: config.secret.clone(),
-            storage_root: config.storage_root.clone(),
+            storage: storage.clone(),
             max_upload: config.max_source_mb * 1024 * 1024,
         });
         tokio::spawn(api::requeue_unpublished(service.clone()));

@@ -10,6 +10,9 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use hearth_executor::storage::Storage;
+use object_store::path::Path as ObjectPath;
+
 use crate::error::{Error, Result};
 use crate::executor_api::ExecutorClient;
 use crate::fetch::{self, Limits};
@@ -19,10 +22,10 @@ use crate::store::{log_line, Store};
 use crate::unix_now;
 
 /// How a worker works.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct WorkerConfig {
-    /// Where storage paths live on this machine (the same paths the executor sees).
-    pub storage_root: PathBuf,
+    /// The executor's storage: sources go in, artifacts come out, by the executor's paths.
+    pub storage: Arc<Storage>,
     /// Scratch space for checkouts.
     pub work_dir: PathBuf,
     pub fetch: Limits,
@@ -372,11 +375,14 @@ impl Worker {
     ) -> Result<(Artifact, Option<String>)> {
         let id = &build.id;
         let spec = &build.spec;
-        let folder = self.config.storage_root.join("builds").join(id);
-        clear_artifacts(&folder).await;
+        let storage = &self.config.storage;
+        let folder = storage.api_path(&ObjectPath::from(format!("builds/{id}")));
+        if storage.is_local() {
+            clear_artifacts(Path::new(&folder)).await;
+        }
         let mut cancel_seen = cancelled.clone();
         let (source, commit) = tokio::select! {
-            prepared = self.prepare_source(build, &folder) => prepared?,
+            prepared = self.prepare_source(build) => prepared?,
             _ = cancel_seen.wait_for(|c| *c) => return Err(Error::Cancelled),
         };
         let runtime = runtime_id(id);
@@ -389,7 +395,7 @@ impl Worker {
             "runtimeId": runtime,
             "image": spec.image,
             "source": source,
-            "destination": folder.display().to_string(),
+            "destination": folder,
             "entrypoint": spec.entrypoint,
             "variables": spec.variables,
             "command": command,
@@ -448,11 +454,7 @@ impl Worker {
 
     /// The source as a storage path for the executor: a git checkout packed into the build's
     /// folder, or the archive itself. Returns the path and, from git, the commit.
-    async fn prepare_source(
-        &self,
-        build: &Build,
-        folder: &Path,
-    ) -> Result<(String, Option<String>)> {
+    async fn prepare_source(&self, build: &Build) -> Result<(String, Option<String>)> {
         let spec = &build.spec;
         let id = &build.id;
         Ok(match &spec.source {
@@ -474,44 +476,66 @@ impl Worker {
                     fetch::fetch_git(url, reference.as_deref(), &checkout, self.config.fetch)
                         .await?;
                 let root = fetch::subfolder(&checkout, subdirectory.as_deref());
-                let archive = folder.join("source.tar.gz");
+                let packed_file = self.config.work_dir.join(format!("{id}.tar.gz"));
                 let packed = match root {
                     Ok(root) => {
-                        fetch::pack(root, archive.clone(), self.config.fetch.max_bytes).await
+                        fetch::pack(root, packed_file.clone(), self.config.fetch.max_bytes).await
                     }
                     Err(err) => Err(err),
                 };
                 let _ = tokio::fs::remove_dir_all(&checkout).await;
-                let bytes = packed?;
+                let stored = match packed {
+                    Ok(bytes) => self
+                        .store_source(id, &packed_file)
+                        .await
+                        .map(|path| (bytes, path)),
+                    Err(err) => Err(err),
+                };
+                let _ = tokio::fs::remove_file(&packed_file).await;
+                let (bytes, archive) = stored?;
                 self.log(
                     id,
                     &format!("Fetched commit {commit} ({bytes} bytes of source)."),
                 )
                 .await;
-                (archive.display().to_string(), Some(commit))
+                (archive, Some(commit))
             }
-            Source::Archive { path } => (self.archive_path(path)?.display().to_string(), None),
+            Source::Archive { path } => {
+                let storage = &self.config.storage;
+                let found = storage
+                    .exists("source.path", path)
+                    .await
+                    .map_err(|e| match e {
+                        hearth_executor::error::Error::InvalidArgument(why) => {
+                            Error::BuildFailed(format!("archive {path}: {why}"))
+                        }
+                        other => Error::Store(other.to_string()),
+                    })?;
+                if !found {
+                    return Err(Error::BuildFailed(format!(
+                        "archive {path} not found in storage"
+                    )));
+                }
+                (path.clone(), None)
+            }
         })
     }
 
-    /// An archive source must be a file inside storage (symlinks resolved).
-    fn archive_path(&self, path: &str) -> Result<PathBuf> {
-        let root = self.config.storage_root.canonicalize().map_err(|e| {
-            Error::Store(format!(
-                "storage root {} is not there: {e}",
-                self.config.storage_root.display()
-            ))
-        })?;
-        let resolved = Path::new(path)
-            .canonicalize()
-            .map_err(|_| Error::BuildFailed(format!("archive {path} not found in storage")))?;
-        if !resolved.starts_with(&root) || !resolved.is_file() {
-            return Err(Error::BuildFailed(format!(
-                "archive {path} is not a file inside storage ({})",
-                root.display()
-            )));
-        }
-        Ok(resolved)
+    /// Puts a packed source into storage as `builds/<id>/source.tar.gz`; returns its path.
+    async fn store_source(&self, id: &str, file: &Path) -> Result<String> {
+        let bytes = tokio::fs::read(file)
+            .await
+            .map_err(|e| Error::Store(format!("failed to read {}: {e}", file.display())))?;
+        let object = ObjectPath::from(format!("builds/{id}/source.tar.gz"));
+        let chunk = futures_util::stream::once(async move {
+            Ok::<_, std::io::Error>(bytes::Bytes::from(bytes))
+        });
+        self.config
+            .storage
+            .put_stream(&object, Box::pin(chunk))
+            .await
+            .map_err(|e| Error::Store(format!("failed to store the source: {e}")))?;
+        Ok(self.config.storage.api_path(&object))
     }
 }
 

@@ -146,6 +146,23 @@ impl Storage {
         })
     }
 
+    /// Whether an object exists at the API path.
+    pub async fn exists(&self, param: &str, api_path: &str) -> Result<bool> {
+        let path = self.object_path(param, api_path)?;
+        match self.store.head(&path).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(other) => Err(Error::Internal(format!(
+                "failed to look up {api_path} in storage: {other}"
+            ))),
+        }
+    }
+
+    /// Whether this is a local folder (API paths are then this machine's paths).
+    pub fn is_local(&self) -> bool {
+        self.local_root.is_some()
+    }
+
     /// Writes a stream to `path`, returning the number of bytes written.
     pub async fn put_stream<S, E>(&self, path: &ObjectPath, mut stream: S) -> Result<u64>
     where

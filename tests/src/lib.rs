@@ -6,6 +6,7 @@
 //!   `hearth-builds` binary as child processes a test can kill;
 //! - [`docker`]: test containers on the real engine, labelled `hearth.test=1`, removed on drop;
 //! - [`executor`]: a real executor served in-process, with helpers to stage sources;
+//! - [`s3`]: a local S3-compatible server (moto) for storage tests;
 //! - [`runtime`]: the runtime images and their fixtures, building functions with an image's own
 //!   `helpers/build.sh` and starting server containers from the result.
 //!
@@ -16,3 +17,4 @@ pub mod builds;
 pub mod docker;
 pub mod executor;
 pub mod runtime;
+pub mod s3;

@@ -657,3 +657,111 @@ async fn builds_docker_survive_worker_kill_broker_restart_and_service_restart() 
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn builds_docker_s3_storage_from_git_and_upload() -> Result<()> {
+    let s3 = hearth_tests::s3::S3Server::start().await?;
+    let bucket = s3.bucket("hearth-builds").await?;
+    let rabbit = Rabbit::start().await?;
+    let git = GitServer::start().await?;
+    git.repository(
+        "node-fn",
+        &[(&[("index.js", &node_function("from s3"))], None)],
+    )?;
+    let mut ex_options = Options::named("builds-s3");
+    ex_options.storage_dsn = Some(s3.dsn("hearth-builds"));
+    let ex = TestExecutor::start(ex_options).await?;
+    let state = TempDir::new("hearth-builds-s3")?;
+    let mut options = ServiceOptions::new(&ex, &rabbit, "s3", &state.0);
+    options.extra.push((
+        "OPR_EXECUTOR_CONNECTION_STORAGE".into(),
+        s3.dsn("hearth-builds"),
+    ));
+    let service = BuildsProcess::start(&options, "all").await?;
+    let api = BuildsClient::new(&service.url, SECRET);
+
+    // From git: the packed source and the artifact both live in the bucket.
+    let (_, build) = api
+        .submit(&git_build(&git.git_url("node-fn"), None, NODE, "index.js"))
+        .await?;
+    let id = build["id"].as_str().context("no id")?.to_string();
+    let build = api.wait(&id, LONG).await?;
+    let path = artifact(&build)?;
+    ensure!(path.starts_with(&format!("/builds/{id}/")), "{path}");
+    let http = reqwest::Client::new();
+    for object in [format!("/builds/{id}/source.tar.gz"), path.clone()] {
+        let res = http.get(format!("{bucket}{object}")).send().await?;
+        ensure!(res.status().is_success(), "{object} is not in the bucket");
+    }
+    ensure!(
+        invoke(&ex, "s3-git", NODE, &path, "index.js").await? == "from s3",
+        "git body"
+    );
+
+    // An upload goes to the bucket too, and builds as an archive source.
+    let staging = TempDir::new("hearth-upload")?;
+    let archive = staging.0.join("example.tar.gz");
+    hearth_builds::fetch::pack(
+        hearth_tests::runtime::repo_root().join("runtimes/node/example"),
+        archive.clone(),
+        1 << 20,
+    )
+    .await?;
+    let res = http
+        .post(format!("{}/v1/uploads", service.url))
+        .bearer_auth(SECRET)
+        .body(std::fs::read(&archive)?)
+        .send()
+        .await?;
+    let (status, upload) = json_reply(res).await?;
+    ensure!(status == 201, "upload: {status} {upload}");
+    let uploaded = upload["path"].as_str().context("no path")?.to_string();
+    ensure!(uploaded.starts_with("/uploads/"), "{uploaded}");
+    let (_, build) = api.submit(&json!({"source": {"type": "archive", "path": uploaded}, "image": NODE, "entrypoint": "index.js"})).await?;
+    let id = build["id"].as_str().context("no id")?.to_string();
+    let build = api.wait(&id, LONG).await?;
+    ensure!(
+        invoke(&ex, "s3-upload", NODE, &artifact(&build)?, "index.js").await? == "Hello, World!",
+        "upload body"
+    );
+
+    // Not a gzip, and a missing archive: clear refusals.
+    let res = http
+        .post(format!("{}/v1/uploads", service.url))
+        .bearer_auth(SECRET)
+        .body("plain text")
+        .send()
+        .await?;
+    let (status, body) = json_reply(res).await?;
+    ensure!(
+        status == 400
+            && body["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(".tar.gz"),
+        "{status} {body}"
+    );
+    let (_, build) = api
+        .submit(
+            &json!({"source": {"type": "archive", "path": "/uploads/none.tar.gz"}, "image": NODE}),
+        )
+        .await?;
+    let build = api
+        .wait(build["id"].as_str().context("no id")?, LONG)
+        .await?;
+    ensure!(
+        build["status"] == "failed"
+            && build["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("not found"),
+        "{build}"
+    );
+    hearth_builds::queue::Broker::new(
+        &rabbit.url(),
+        hearth_builds::queue::Topology::new(&options.queue),
+    )
+    .delete_topology()
+    .await?;
+    Ok(())
+}

@@ -899,46 +899,9 @@ async fn executor_runtime_limit() -> Result<()> {
     Ok(())
 }
 
-/// A local S3-compatible server (moto, `pip install "moto[server]"`) on 127.0.0.1, stopped on drop.
-struct S3Server {
-    child: std::process::Child,
-    url: String,
-}
-
-impl S3Server {
-    async fn start() -> Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let child = std::process::Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .context("moto_server is missing: pip install \"moto[server]\"")?;
-        let server = Self {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while reqwest::get(&server.url).await.is_err() {
-            ensure!(Instant::now() < deadline, "moto_server did not start");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Ok(server)
-    }
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test]
 async fn executor_s3_storage() -> Result<()> {
-    let s3 = S3Server::start().await?;
+    let s3 = hearth_tests::s3::S3Server::start().await?;
     let client = reqwest::Client::new();
     let bucket = format!("{}/hearth-test", s3.url);
     ensure!(
