@@ -131,7 +131,7 @@ async fn submit(State(service): State<Arc<Service>>, body: Body) -> ApiResult {
         rand::random::<u64>(),
         rand::random::<u16>()
     );
-    let mut build = Build::queued(id.clone(), spec, unix_now());
+    let build = Build::queued(id.clone(), spec, unix_now());
     // Stored first, then queued: a crash in between leaves an unconfirmed build that is queued
     // again at the next start, never a job without a build.
     service.store.unconfirmed(&id).await?;
@@ -144,10 +144,8 @@ async fn submit(State(service): State<Arc<Service>>, body: Body) -> ApiResult {
         })
         .await
     {
-        build.status = Status::Failed;
-        build.error = Some(format!("not queued: {err}"));
-        build.finished_at = Some(unix_now());
-        service.store.put(&build).await?;
+        // Not accepted: the caller gets a 503 and no id, so the build must not linger as one.
+        service.store.remove(&id).await?;
         service.store.confirmed(&id).await;
         return Err(Error::QueueUnavailable(err.to_string()).into());
     }

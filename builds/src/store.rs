@@ -234,6 +234,16 @@ impl Store {
         }
     }
 
+    /// Forgets a build that was never accepted.
+    pub async fn remove(&self, id: &str) -> Result<()> {
+        let path = self.record_path(id)?;
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => Ok(()),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(err) => Err(store_error("remove", &path, err)),
+        }
+    }
+
     /// Every build (unordered).
     pub async fn list(&self) -> Result<Vec<Build>> {
         let mut builds = Vec::new();

@@ -98,6 +98,17 @@ impl Rabbit {
         self.wait_ready(Duration::from_secs(60)).await
     }
 
+    /// Stops the broker (start it again with [`Rabbit::start_again`]).
+    pub fn stop(&self) -> Result<()> {
+        run(Command::new("docker").args(["stop", "-t", "10", &self.id]))?;
+        Ok(())
+    }
+
+    pub async fn start_again(&self) -> Result<()> {
+        run(Command::new("docker").args(["start", &self.id]))?;
+        self.wait_ready(Duration::from_secs(60)).await
+    }
+
     /// Messages ready in a queue.
     pub fn queue_depth(&self, queue: &str) -> Result<u64> {
         let list = run(Command::new("docker").args([

@@ -647,6 +647,42 @@ async fn builds_docker_survive_worker_kill_broker_restart_and_service_restart() 
         before.len()
     );
 
+    // The broker down at submit time: a clear 503, and no build left behind without an id;
+    // once it is back, the API and the worker carry on by themselves.
+    let total = |api: BuildsClient| async move {
+        let res = api
+            .http
+            .get(format!("{}/v1/builds?limit=1000", api.url))
+            .bearer_auth(SECRET)
+            .send()
+            .await?;
+        let (_, list) = json_reply(res).await?;
+        Ok::<_, anyhow::Error>(list["total"].clone())
+    };
+    let known = total(api.clone()).await?;
+    rabbit.stop()?;
+    let (status, body) = api.submit(&submit("")).await?;
+    ensure!(
+        status == 503 && body["type"] == "build_queue_unavailable",
+        "{status} {body}"
+    );
+    ensure!(
+        total(api.clone()).await? == known,
+        "a refused build was kept"
+    );
+    rabbit.start_again().await?;
+    let (status, build) = api.submit(&submit("")).await?;
+    ensure!(
+        status == 202,
+        "after the broker came back: {status} {build}"
+    );
+    let id = build["id"].as_str().context("no id")?.to_string();
+    ensure!(
+        api.wait(&id, LONG).await?["status"] == "succeeded",
+        "after the broker came back"
+    );
+    println!("builds: broker down at submit -> 503 {}", body["message"]);
+
     for queue in [&s.options.queue, &unreachable.queue] {
         hearth_builds::queue::Broker::new(
             &rabbit.url(),
