@@ -102,14 +102,7 @@ async fn authorize(State(service): State<Arc<Service>>, request: Request, next: 
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or_default();
-    let expected = service.secret.as_bytes();
-    let same = given.len() == expected.len()
-        && given
-            .bytes()
-            .zip(expected)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0;
-    if !same {
+    if !hearth_executor::api::constant_time_eq(given.as_bytes(), service.secret.as_bytes()) {
         return error_response(
             "general_unauthorized",
             StatusCode::UNAUTHORIZED,
@@ -136,14 +129,7 @@ async fn submit(State(service): State<Arc<Service>>, body: Body) -> ApiResult {
     // again at the next start, never a job without a build.
     service.store.unconfirmed(&id).await?;
     service.store.put(&build).await?;
-    if let Err(err) = service
-        .broker
-        .publish_job(&Job {
-            id: id.clone(),
-            retries: 0,
-        })
-        .await
-    {
+    if let Err(err) = service.broker.publish_job(&Job { id: id.clone() }).await {
         // Not accepted: the caller gets a 503 and no id, so the build must not linger as one.
         service.store.remove(&id).await?;
         service.store.confirmed(&id).await;
@@ -358,14 +344,7 @@ pub async fn requeue_unpublished(service: Arc<Service>) {
                     continue;
                 }
             }
-            match service
-                .broker
-                .publish_job(&Job {
-                    id: id.clone(),
-                    retries: 0,
-                })
-                .await
-            {
+            match service.broker.publish_job(&Job { id: id.clone() }).await {
                 Ok(()) => {
                     service.store.confirmed(&id).await;
                     tracing::info!(build = %id, "queued a build that was never confirmed");

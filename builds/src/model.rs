@@ -172,14 +172,11 @@ impl Build {
     }
 }
 
-/// The message on the queue: the build's id and the attempt it is for. Everything else is read
-/// from the store, so a message delivered twice sees the same build.
+/// The message on the queue: the build's id. Everything else (attempts included) is read from
+/// the store, so a message delivered twice sees the same build.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Job {
     pub id: String,
-    /// Retries scheduled after infrastructure failures so far.
-    #[serde(default)]
-    pub retries: u32,
 }
 
 /// A function's name: `^[a-z0-9][a-z0-9-]{0,47}$` (it becomes part of a runtime id).

@@ -233,13 +233,8 @@ impl Broker {
 
     /// Queues a build job.
     pub async fn publish_job(&self, job: &Job) -> Result<()> {
-        self.publish(
-            "",
-            &self.topology.jobs.clone(),
-            &Self::encode(job)?,
-            persistent(),
-        )
-        .await
+        self.publish("", &self.topology.jobs, &Self::encode(job)?, persistent())
+            .await
     }
 
     /// Queues a job again after `delay` (through the retry queue's TTL).

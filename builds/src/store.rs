@@ -91,13 +91,7 @@ impl Store {
     /// The function, or [`Error::NotFound`].
     pub async fn function(&self, name: &str) -> Result<Function> {
         let path = self.function_path(name)?;
-        match tokio::fs::read(&path).await {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes).map_err(|e| store_error("decode", &path, e))
-            }
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Err(Error::NotFound),
-            Err(err) => Err(store_error("read", &path, err)),
-        }
+        read_json(&path).await
     }
 
     /// Makes `function` the current deployment of its name, unless a newer build already is.
@@ -115,19 +109,9 @@ impl Store {
 
     pub async fn functions(&self) -> Result<Vec<Function>> {
         let mut functions = Vec::new();
-        let mut dir = tokio::fs::read_dir(&self.functions)
-            .await
-            .map_err(|e| store_error("list", &self.functions, e))?;
-        while let Some(entry) = dir
-            .next_entry()
-            .await
-            .map_err(|e| store_error("list", &self.functions, e))?
-        {
-            let name = entry.file_name();
-            if let Some(name) = name.to_str().and_then(|n| n.strip_suffix(".json")) {
-                if let Ok(function) = self.function(name).await {
-                    functions.push(function);
-                }
+        for name in json_names(&self.functions).await? {
+            if let Ok(function) = self.function(&name).await {
+                functions.push(function);
             }
         }
         functions.sort_by(|a, b| a.name.cmp(&b.name));
@@ -225,13 +209,7 @@ impl Store {
     /// The build, or [`Error::NotFound`].
     pub async fn get(&self, id: &str) -> Result<Build> {
         let path = self.record_path(id)?;
-        match tokio::fs::read(&path).await {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes).map_err(|e| store_error("decode", &path, e))
-            }
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Err(Error::NotFound),
-            Err(err) => Err(store_error("read", &path, err)),
-        }
+        read_json(&path).await
     }
 
     /// Forgets a build that was never accepted.
@@ -247,19 +225,8 @@ impl Store {
     /// Every build (unordered).
     pub async fn list(&self) -> Result<Vec<Build>> {
         let mut builds = Vec::new();
-        let mut dir = tokio::fs::read_dir(&self.builds)
-            .await
-            .map_err(|e| store_error("list", &self.builds, e))?;
-        while let Some(entry) = dir
-            .next_entry()
-            .await
-            .map_err(|e| store_error("list", &self.builds, e))?
-        {
-            let name = entry.file_name();
-            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
-                continue;
-            };
-            match self.get(id).await {
+        for id in json_names(&self.builds).await? {
+            match self.get(&id).await {
                 Ok(build) => builds.push(build),
                 Err(Error::NotFound) => {}
                 Err(err) => return Err(err),
@@ -293,6 +260,37 @@ impl Store {
             .await
             .map_err(|e| store_error("flush", &path, e))
     }
+}
+
+/// A JSON record, or [`Error::NotFound`].
+async fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    match tokio::fs::read(path).await {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| store_error("decode", path, e)),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Err(Error::NotFound),
+        Err(err) => Err(store_error("read", path, err)),
+    }
+}
+
+/// The names (without `.json`) of the records in a folder.
+async fn json_names(dir: &Path) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    let mut entries = tokio::fs::read_dir(dir)
+        .await
+        .map_err(|e| store_error("list", dir, e))?;
+    while let Some(entry) = entries
+        .next_entry()
+        .await
+        .map_err(|e| store_error("list", dir, e))?
+    {
+        if let Some(name) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_suffix(".json"))
+        {
+            names.push(name.to_string());
+        }
+    }
+    Ok(names)
 }
 
 async fn write_atomic(path: PathBuf, bytes: Vec<u8>) -> Result<()> {

@@ -51,6 +51,17 @@ enum Outcome {
     Requeue,
 }
 
+impl Outcome {
+    /// Ack once a step that must happen before the ack succeeded; else deliver again.
+    fn after<T, E>(step: std::result::Result<T, E>) -> Self {
+        if step.is_ok() {
+            Outcome::Ack
+        } else {
+            Outcome::Requeue
+        }
+    }
+}
+
 impl Worker {
     pub fn new(
         store: Store,
@@ -58,7 +69,11 @@ impl Worker {
         executor: ExecutorClient,
         config: WorkerConfig,
     ) -> Self {
-        let name = format!("{}-{:08x}", hostname(), rand::random::<u32>());
+        let name = format!(
+            "{}-{:08x}",
+            hearth_executor::hostname_or("worker"),
+            rand::random::<u32>()
+        );
         Self {
             store,
             broker,
@@ -74,14 +89,11 @@ impl Worker {
             Ok(job) => self.process(job).await,
             Err(reason) => {
                 tracing::warn!(%reason, "not a build job; dead-lettered");
-                match self
-                    .broker
-                    .publish_dead(reason.as_bytes(), "not a build job")
-                    .await
-                {
-                    Ok(()) => Outcome::Ack,
-                    Err(_) => Outcome::Requeue,
-                }
+                Outcome::after(
+                    self.broker
+                        .publish_dead(reason.as_bytes(), "not a build job")
+                        .await,
+                )
             }
         };
         let sent = match outcome {
@@ -104,10 +116,7 @@ impl Worker {
             Err(Error::NotFound) => {
                 tracing::warn!(build = %job.id, "job for an unknown build; dead-lettered");
                 let payload = serde_json::to_vec(job).unwrap_or_default();
-                return match self.broker.publish_dead(&payload, "unknown build").await {
-                    Ok(()) => Outcome::Ack,
-                    Err(_) => Outcome::Requeue,
-                };
+                return Outcome::after(self.broker.publish_dead(&payload, "unknown build").await);
             }
             Err(err) => {
                 tracing::warn!(build = %job.id, error = %err, "build store unavailable");
@@ -121,11 +130,7 @@ impl Worker {
         // broker reconnect): wait for its result or for its lease to lapse.
         let holder = format!("{}-{:08x}", self.name, rand::random::<u32>());
         loop {
-            let lease = Lease {
-                holder: holder.clone(),
-                until: unix_now() + self.config.lease.as_secs_f64(),
-            };
-            match self.store.try_lease(&job.id, &lease).await {
+            match self.store.try_lease(&job.id, &self.lease(&holder)).await {
                 Ok(true) => break,
                 Ok(false) => {}
                 Err(_) => return Outcome::Requeue,
@@ -154,12 +159,16 @@ impl Worker {
         outcome
     }
 
-    async fn renew(&self, id: &str, holder: &str) -> Result<()> {
-        let lease = Lease {
+    /// A claim by `holder` from now for the configured lease time.
+    fn lease(&self, holder: &str) -> Lease {
+        Lease {
             holder: holder.to_string(),
             until: unix_now() + self.config.lease.as_secs_f64(),
-        };
-        self.store.put_lease(id, &lease).await
+        }
+    }
+
+    async fn renew(&self, id: &str, holder: &str) -> Result<()> {
+        self.store.put_lease(id, &self.lease(holder)).await
     }
 
     async fn log(&self, id: &str, line: &str) {
@@ -223,14 +232,11 @@ impl Worker {
             result = self.run(&build, cancelled) => result,
             never = watch => never,
         };
-        if matches!(result, Err(Error::Cancelled)) {
-            self.log(&id, "Build cancelled.").await;
-            return match self.finish(&id, |b| b.finished_at = Some(unix_now())).await {
-                Ok(_) => Outcome::Ack,
-                Err(_) => Outcome::Requeue,
-            };
-        }
         match result {
+            Err(Error::Cancelled) => {
+                self.log(&id, "Build cancelled.").await;
+                Outcome::after(self.finish(&id, |b| b.finished_at = Some(unix_now())).await)
+            }
             Ok((artifact, commit)) => {
                 self.log(
                     &id,
@@ -312,29 +318,20 @@ impl Worker {
                 if requeued.is_err() {
                     return Outcome::Requeue;
                 }
-                let next = Job {
-                    id: id.clone(),
-                    retries: job.retries + 1,
-                };
-                match self.broker.publish_retry(&next, delay).await {
-                    Ok(()) => Outcome::Ack,
-                    Err(_) => Outcome::Requeue,
-                }
+                Outcome::after(self.broker.publish_retry(job, delay).await)
             }
         }
     }
 
     /// Writes the final state (unless a cancel got there first) and then tells the world.
     async fn complete(&self, id: &str, change: impl FnOnce(&mut Build)) -> Outcome {
-        match self.finish(id, change).await {
-            Ok(build) => {
-                if let Err(err) = self.broker.publish_event(&build).await {
-                    tracing::warn!(build = %id, error = %err, "could not publish the build's result");
-                }
-                Outcome::Ack
+        let finished = self.finish(id, change).await;
+        if let Ok(build) = &finished {
+            if let Err(err) = self.broker.publish_event(build).await {
+                tracing::warn!(build = %id, error = %err, "could not publish the build's result");
             }
-            Err(_) => Outcome::Requeue,
         }
+        Outcome::after(finished)
     }
 
     async fn finish(&self, id: &str, change: impl FnOnce(&mut Build)) -> Result<Build> {
@@ -560,14 +557,6 @@ async fn clear_artifacts(folder: &Path) {
 
 fn shell_quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', r"'\''"))
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/etc/hostname")
-        .map(|h| h.trim().to_string())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "worker".to_string())
 }
 
 #[cfg(test)]

@@ -82,9 +82,14 @@ pub async fn run(
 }
 
 fn hostname() -> String {
+    hostname_or("hearth-executor")
+}
+
+/// This machine's (or container's) hostname, or `fallback` when it cannot be read.
+pub fn hostname_or(fallback: &str) -> String {
     std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_string())
         .ok()
         .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "hearth-executor".to_string())
+        .unwrap_or_else(|| fallback.to_string())
 }

@@ -443,6 +443,16 @@ impl BuildsClient {
         crate::executor::json_reply(res).await
     }
 
+    /// Submits a build that must be accepted (202); returns its id.
+    pub async fn submit_id(&self, body: &Value) -> Result<String> {
+        let (status, build) = self.submit(body).await?;
+        anyhow::ensure!(status == 202, "submit {body}: {status} {build}");
+        build["id"]
+            .as_str()
+            .map(str::to_string)
+            .context("no id in the submit reply")
+    }
+
     pub async fn get(&self, id: &str) -> Result<Value> {
         let res = self
             .http

@@ -164,9 +164,7 @@ async fn builds_docker_git_by_branch_tag_commit_then_execute() -> Result<()> {
     ] {
         let mut request = git_build(&url, Some(reference), PYTHON, "main.py");
         request["source"]["subdirectory"] = json!("fn");
-        let (status, build) = api.submit(&request).await?;
-        ensure!(status == 202, "{build}");
-        id = build["id"].as_str().context("no id")?.to_string();
+        id = api.submit_id(&request).await?;
         submitted.push(id.clone());
         let build = api.wait(&id, LONG).await?;
         let runtime = format!("py-git-{}", submitted.len());
@@ -203,9 +201,7 @@ async fn builds_docker_git_by_branch_tag_commit_then_execute() -> Result<()> {
         &hearth_tests::runtime::repo_root().join("runtimes/node/example"),
         "archive-fn",
     )?;
-    let (status, build) = via_balancer.submit(&json!({"source": {"type": "archive", "path": archive}, "image": NODE, "entrypoint": "index.js"})).await?;
-    ensure!(status == 202, "{build}");
-    let id = build["id"].as_str().context("no id")?.to_string();
+    let id = via_balancer.submit_id(&json!({"source": {"type": "archive", "path": archive}, "image": NODE, "entrypoint": "index.js"})).await?;
     submitted.push(id.clone());
     let build = via_balancer.wait(&id, LONG).await?;
     ensure!(
@@ -299,9 +295,7 @@ async fn builds_docker_git_by_branch_tag_commit_then_execute() -> Result<()> {
         ),
     ];
     for (request, reason) in failing {
-        let (status, build) = api.submit(&request).await?;
-        ensure!(status == 202, "{request}: {status} {build}");
-        let id = build["id"].as_str().context("no id")?.to_string();
+        let id = api.submit_id(&request).await?;
         submitted.push(id.clone());
         let build = api.wait(&id, LONG).await?;
         let error = build["error"].as_str().unwrap_or_default();
@@ -336,8 +330,7 @@ async fn builds_docker_git_by_branch_tag_commit_then_execute() -> Result<()> {
     );
 
     // Cancel a running build: it ends cancelled and its runtime is gone.
-    let (_, build) = api.submit(&json!({"source": {"type": "git", "url": git.git_url("node-fn")}, "image": NODE, "command": "sleep 60"})).await?;
-    let id = build["id"].as_str().context("no id")?.to_string();
+    let id = api.submit_id(&json!({"source": {"type": "git", "url": git.git_url("node-fn")}, "image": NODE, "command": "sleep 60"})).await?;
     submitted.push(id.clone());
     let log_seen = api
         .wait_for(&id, LONG, |b| b["status"] == "running")
@@ -492,8 +485,7 @@ async fn builds_docker_survive_worker_kill_broker_restart_and_service_restart() 
 
     // A worker SIGKILLed in the middle of a build: the job is redelivered and the build succeeds.
     let mut worker = BuildsProcess::start(&s.options, "worker").await?;
-    let (_, build) = api.submit(&submit("sleep 5")).await?;
-    let id = build["id"].as_str().context("no id")?.to_string();
+    let id = api.submit_id(&submit("sleep 5")).await?;
     submitted.push(id.clone());
     api.wait_for(&id, LONG, |b| b["status"] == "running")
         .await?;
@@ -519,13 +511,9 @@ async fn builds_docker_survive_worker_kill_broker_restart_and_service_restart() 
         &rabbit.url(),
         hearth_builds::queue::Topology::new(&s.options.queue),
     );
-    let (_, build) = api.submit(&submit("sleep 3")).await?;
-    let twice = build["id"].as_str().context("no id")?.to_string();
+    let twice = api.submit_id(&submit("sleep 3")).await?;
     submitted.push(twice.clone());
-    let again = hearth_builds::model::Job {
-        id: twice.clone(),
-        retries: 0,
-    };
+    let again = hearth_builds::model::Job { id: twice.clone() };
     broker.publish_job(&again).await?;
     let first = api.wait(&twice, LONG).await?;
     ensure!(
@@ -534,10 +522,7 @@ async fn builds_docker_survive_worker_kill_broker_restart_and_service_restart() 
     );
     broker.publish_job(&again).await?;
     broker
-        .publish_job(&hearth_builds::model::Job {
-            id: id.clone(),
-            retries: 0,
-        })
+        .publish_job(&hearth_builds::model::Job { id: id.clone() })
         .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     ensure!(
@@ -554,9 +539,7 @@ async fn builds_docker_survive_worker_kill_broker_restart_and_service_restart() 
     worker.kill();
     let mut queued = Vec::new();
     for _ in 0..5 {
-        let (status, build) = api.submit(&submit("")).await?;
-        ensure!(status == 202, "{build}");
-        queued.push(build["id"].as_str().context("no id")?.to_string());
+        queued.push(api.submit_id(&submit("")).await?);
     }
     submitted.extend(queued.iter().cloned());
     let depth = rabbit.queue_depth(&s.options.queue)?;
@@ -573,12 +556,7 @@ async fn builds_docker_survive_worker_kill_broker_restart_and_service_restart() 
         );
     }
     // The API reconnects by itself, too.
-    let (status, build) = api.submit(&submit("")).await?;
-    ensure!(
-        status == 202,
-        "submit after the broker restart: {status} {build}"
-    );
-    let id = build["id"].as_str().context("no id")?.to_string();
+    let id = api.submit_id(&submit("")).await?;
     submitted.push(id.clone());
     ensure!(
         api.wait(&id, LONG).await?["status"] == "succeeded",
@@ -597,8 +575,7 @@ async fn builds_docker_survive_worker_kill_broker_restart_and_service_restart() 
         .push(("HEARTH_BUILDS_MAX_ATTEMPTS".into(), "3".into()));
     let dlq_api_process = BuildsProcess::start(&unreachable, "all").await?;
     let dlq_api = BuildsClient::new(&dlq_api_process.url, SECRET);
-    let (_, build) = dlq_api.submit(&submit("")).await?;
-    let dlq_id = build["id"].as_str().context("no id")?.to_string();
+    let dlq_id = dlq_api.submit_id(&submit("")).await?;
     submitted.push(dlq_id.clone());
     let build = dlq_api.wait(&dlq_id, LONG).await?;
     let error = build["error"].as_str().unwrap_or_default();
@@ -671,12 +648,7 @@ async fn builds_docker_survive_worker_kill_broker_restart_and_service_restart() 
         "a refused build was kept"
     );
     rabbit.start_again().await?;
-    let (status, build) = api.submit(&submit("")).await?;
-    ensure!(
-        status == 202,
-        "after the broker came back: {status} {build}"
-    );
-    let id = build["id"].as_str().context("no id")?.to_string();
+    let id = api.submit_id(&submit("")).await?;
     ensure!(
         api.wait(&id, LONG).await?["status"] == "succeeded",
         "after the broker came back"
@@ -717,10 +689,9 @@ async fn builds_docker_s3_storage_from_git_and_upload() -> Result<()> {
     let api = BuildsClient::new(&service.url, SECRET);
 
     // From git: the packed source and the artifact both live in the bucket.
-    let (_, build) = api
-        .submit(&git_build(&git.git_url("node-fn"), None, NODE, "index.js"))
+    let id = api
+        .submit_id(&git_build(&git.git_url("node-fn"), None, NODE, "index.js"))
         .await?;
-    let id = build["id"].as_str().context("no id")?.to_string();
     let build = api.wait(&id, LONG).await?;
     let path = artifact(&build)?;
     ensure!(path.starts_with(&format!("/builds/{id}/")), "{path}");
@@ -753,8 +724,7 @@ async fn builds_docker_s3_storage_from_git_and_upload() -> Result<()> {
     ensure!(status == 201, "upload: {status} {upload}");
     let uploaded = upload["path"].as_str().context("no path")?.to_string();
     ensure!(uploaded.starts_with("/uploads/"), "{uploaded}");
-    let (_, build) = api.submit(&json!({"source": {"type": "archive", "path": uploaded}, "image": NODE, "entrypoint": "index.js"})).await?;
-    let id = build["id"].as_str().context("no id")?.to_string();
+    let id = api.submit_id(&json!({"source": {"type": "archive", "path": uploaded}, "image": NODE, "entrypoint": "index.js"})).await?;
     let build = api.wait(&id, LONG).await?;
     ensure!(
         invoke(&ex, "s3-upload", NODE, &artifact(&build)?, "index.js").await? == "Hello, World!",

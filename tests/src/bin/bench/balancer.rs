@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::{Child, Stdio};
 
 use super::*;
+use hearth_tests::builds::free_port;
 use hearth_tests::executor::{Options, TempDir, TestExecutor, SECRET as EXECUTOR_SECRET};
 use hearth_tests::runtime::fixture_dir;
 
@@ -20,12 +21,6 @@ impl Drop for Process {
         let _ = Command::new("kill").arg(self.0.id().to_string()).status();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 async fn wait_up(url: &str) -> Result<()> {
