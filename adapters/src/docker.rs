@@ -120,6 +120,15 @@ impl DockerAdapter {
         &self.options
     }
 
+    /// A stable name for the replica running in `container` (this process's own container,
+    /// found by its hostname): `<project>-<service>-<number>` for a compose replica,
+    /// `<stack>-<service>-<slot>` for a Swarm task. `None` outside such a container. A replica
+    /// that is recreated keeps the name, so it adopts the runtimes its predecessor left.
+    pub async fn replica_name(&self, container: &str) -> Option<String> {
+        let info = self.inspect_raw(container).await.ok()?;
+        replica_name_of(info.config?.labels.as_ref()?)
+    }
+
     async fn call<T>(
         &self,
         op: impl FnOnce() -> String,
@@ -575,7 +584,7 @@ impl Adapter for DockerAdapter {
 }
 
 /// Runs one engine call under `limit`, mapping its errors.
-async fn call<T>(
+pub(crate) async fn call<T>(
     limit: Duration,
     op: impl FnOnce() -> String,
     fut: impl Future<Output = Result<T, DockerError>>,
@@ -615,8 +624,44 @@ fn port_key(port: u16) -> String {
     format!("{port}/tcp")
 }
 
-fn port_label(labels: &HashMap<String, String>) -> Option<u16> {
+pub(crate) fn port_label(labels: &HashMap<String, String>) -> Option<u16> {
     labels.get(PORT_LABEL)?.parse().ok()
+}
+
+/// See [`DockerAdapter::replica_name`]: from compose's or Swarm's labels on a container.
+fn replica_name_of(labels: &HashMap<String, String>) -> Option<String> {
+    let label = |key: &str| labels.get(key).filter(|v| !v.is_empty());
+    let name = if let (Some(project), Some(service), Some(number)) = (
+        label("com.docker.compose.project"),
+        label("com.docker.compose.service"),
+        label("com.docker.compose.container-number"),
+    ) {
+        format!("{project}-{service}-{number}")
+    } else {
+        // Task names are `<service>.<slot>.<task id>` (`<service>.<node id>.<task id>` for
+        // global services).
+        let service = label("com.docker.swarm.service.name")?;
+        let task = label("com.docker.swarm.task.name")?;
+        let slot = task
+            .strip_prefix(service.as_str())?
+            .strip_prefix('.')?
+            .split('.')
+            .next()
+            .filter(|slot| !slot.is_empty())?;
+        format!("{service}-{slot}")
+    };
+    // Runtimes are named after their executor and reached by that name: keep it a hostname.
+    Some(
+        name.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .collect(),
+    )
 }
 
 /// Docker reports names as `/name`.
@@ -754,6 +799,39 @@ mod tests {
             map_err(op(), DockerError::IOError { err: io }),
             Error::Unavailable(m) if m.starts_with("failed to start container c")
         ));
+    }
+
+    #[test]
+    fn names_replicas_after_compose_or_swarm() {
+        let labels = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let compose = labels(&[
+            ("com.docker.compose.project", "hearth"),
+            ("com.docker.compose.service", "executor"),
+            ("com.docker.compose.container-number", "2"),
+        ]);
+        assert_eq!(
+            replica_name_of(&compose).as_deref(),
+            Some("hearth-executor-2")
+        );
+        let swarm = labels(&[
+            ("com.docker.swarm.service.name", "hearth_executor"),
+            ("com.docker.swarm.task.name", "hearth_executor.3.x1y2z3"),
+        ]);
+        assert_eq!(
+            replica_name_of(&swarm).as_deref(),
+            Some("hearth-executor-3")
+        );
+        assert_eq!(replica_name_of(&labels(&[("a", "b")])), None);
+        let odd = labels(&[
+            ("com.docker.swarm.service.name", "hearth_executor"),
+            ("com.docker.swarm.task.name", "other.1.x"),
+        ]);
+        assert_eq!(replica_name_of(&odd), None);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! - this file: the trait, the value types it speaks ([`RuntimeSpec`], [`RuntimeInfo`],
 //!   [`Endpoint`]) and [`Error`];
 //! - [`docker`]: the implementation on the Docker engine (bollard);
+//! - [`swarm`]: the implementation on Docker Swarm, one service per runtime (bollard);
 //! - [`fake`]: a recording in-memory fake for the executor's unit tests.
 //!
 //! The executor never sees bollard types: engine errors are mapped into
@@ -25,6 +26,7 @@ use futures_util::stream::BoxStream;
 
 pub mod docker;
 pub mod fake;
+pub mod swarm;
 
 /// The label every container of a Hearth executor carries (value: the executor's name), so an
 /// executor can find, adopt or remove its runtimes at boot.
@@ -187,4 +189,11 @@ pub trait Adapter: Send + Sync + 'static {
     /// Whether a host folder of the executor can be bound into runtimes
     /// ([`RuntimeSpec::logs_dir`]).
     fn shares_host_folders(&self) -> bool;
+
+    /// Whether [`Adapter::put_file`] works on a runtime that is created but not started. When
+    /// false (Swarm: creating a service starts it), the executor hands execution runtimes their
+    /// code over HTTP with the pool protocol (`runtimes/pool-protocol.md`) instead.
+    fn places_files_before_start(&self) -> bool {
+        true
+    }
 }

@@ -8,6 +8,15 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+/// Which container platform runs the runtimes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AdapterKind {
+    /// Containers on the local Docker engine.
+    Docker,
+    /// One Docker Swarm service per runtime (the executor must run on a manager node).
+    Swarm,
+}
+
 /// How the executor reaches its runtimes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Addressing {
@@ -134,6 +143,37 @@ pub struct Config {
     /// Seconds to let in-flight requests finish on shutdown.
     #[arg(long, env = "OPR_EXECUTOR_SHUTDOWN_GRACE", default_value_t = 30)]
     pub shutdown_grace: u64,
+
+    /// Container platform for runtimes: `docker` or `swarm`.
+    #[arg(
+        long,
+        env = "OPR_EXECUTOR_ADAPTER",
+        value_enum,
+        default_value = "docker"
+    )]
+    pub adapter: AdapterKind,
+
+    /// Warm pools: prestarted generic runtimes per image and resource shape, specialised on a
+    /// function's first execution (`runtimes/pool-protocol.md`). `false` turns them off.
+    #[arg(long, env = "OPR_EXECUTOR_POOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub pool: bool,
+
+    /// Idle pool members kept per image listed in `OPR_EXECUTOR_IMAGES` (default shape), at least.
+    #[arg(long, env = "OPR_EXECUTOR_POOL_MIN", default_value_t = 1)]
+    pub pool_min: usize,
+
+    /// Most idle members of one pool (the reactive part grows with the last minute's cold
+    /// starts up to this).
+    #[arg(long, env = "OPR_EXECUTOR_POOL_MAX", default_value_t = 8)]
+    pub pool_max: usize,
+
+    /// Most memory (MB, by the members' limits) that idle pool members may hold in all.
+    #[arg(long, env = "OPR_EXECUTOR_POOL_MEMORY_MB", default_value_t = 4096)]
+    pub pool_memory_mb: u64,
+
+    /// Most pool containers being created at a time.
+    #[arg(long, env = "OPR_EXECUTOR_POOL_CREATIONS", default_value_t = 2)]
+    pub pool_creations: usize,
 }
 
 impl Config {
@@ -176,6 +216,12 @@ impl Config {
             max_runtimes: 100,
             pids_limit: 1024,
             shutdown_grace: 5,
+            adapter: AdapterKind::Docker,
+            pool: false,
+            pool_min: 1,
+            pool_max: 8,
+            pool_memory_mb: 4096,
+            pool_creations: 2,
         }
     }
 }

@@ -19,6 +19,8 @@ use hearth_adapters::Endpoint;
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 /// Extra time the client waits beyond the function's own timeout (the runtime answers first).
 const GRACE: Duration = Duration::from_secs(5);
+/// Longest a pool member may take to load its function (extracting a large archive included).
+const SPECIALISE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Response headers that describe the runtime's connection, not the function's answer.
 const HOP_BY_HOP: &[&str] = &[
@@ -259,6 +261,49 @@ impl Invoker {
             log_id: String::new(),
             inline_logs: Some((text("stdout"), text("stderr"))),
         })
+    }
+
+    /// Hands a pool member its function (`runtimes/pool-protocol.md`): env and code archive.
+    pub async fn specialise(
+        &self,
+        endpoint: &Endpoint,
+        pool_secret: &str,
+        env: &[(String, String)],
+        code: &[u8],
+    ) -> Result<(), InvokeError> {
+        let env: serde_json::Map<String, Value> = env
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
+        let body = json!({
+            "env": env,
+            "code": base64::engine::general_purpose::STANDARD.encode(code),
+        });
+        let request = Request::post(format!("http://{endpoint}/__hearth/specialise"))
+            .header("content-type", "application/json")
+            .header("x-hearth-pool-secret", pool_secret)
+            .body(Full::new(Bytes::from(body.to_string())))
+            .map_err(|err| InvokeError::Protocol(format!("failed to build the request: {err}")))?;
+        let answer = async {
+            let response = self.client.request(request).await.map_err(classify)?;
+            let status = response.status().as_u16();
+            let bytes = Limited::new(response.into_body(), 64 * 1024)
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            if status == 200 {
+                Ok(())
+            } else {
+                Err(InvokeError::Protocol(format!(
+                    "the runtime refused its function ({status}): {}",
+                    String::from_utf8_lossy(&bytes).trim()
+                )))
+            }
+        };
+        tokio::time::timeout(SPECIALISE_TIMEOUT, answer)
+            .await
+            .map_err(|_| InvokeError::Timeout)?
     }
 
     /// Polls the runtime until it answers HTTP at all, backing off from 1 ms. Returns false when

@@ -50,8 +50,9 @@ pub async fn prepare(config: Config, adapter: Arc<dyn Adapter>) -> anyhow::Resul
     let (adopted, removed) = executor.adopt_at_boot().await?;
     tracing::info!(executor = %executor.name, adopted, removed, "reconciled runtimes at boot");
     for image in executor.config.images.iter().filter(|i| !i.is_empty()) {
-        tracing::info!(image = %image, "image listed in OPR_EXECUTOR_IMAGES");
+        tracing::info!(image = %image, pool = executor.config.pool, "image listed in OPR_EXECUTOR_IMAGES");
     }
+    executor.declare_boot_pools();
     Ok(executor)
 }
 
@@ -63,7 +64,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let maintenance = tokio::spawn(executor.clone().maintenance_loop(stop_rx));
+    let maintenance = tokio::spawn(executor.clone().maintenance_loop(stop_rx.clone()));
+    let pools = tokio::spawn(executor.clone().pool_loop(stop_rx));
     let app = api::router(executor.clone());
     // Replies are written whole; do not let Nagle hold the last segment back.
     let listener = axum::serve::ListenerExt::tap_io(listener, |stream| {
@@ -74,11 +76,63 @@ pub async fn run(
         .await?;
     let _ = stop_tx.send(true);
     let _ = maintenance.await;
+    // Idle pool members go with the executor (a restarted one would remove them anyway).
+    let _ = pools.await;
     let grace = Instant::now() + Duration::from_secs(executor.config.shutdown_grace);
     while executor.in_flight_total() > 0 && Instant::now() < grace {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(())
+}
+
+/// Connects the container platform `config.adapter` names (the local Docker engine, or the
+/// Swarm it manages). When `config.name` is empty and the executor runs as a compose or Swarm
+/// replica, it is named after the replica (`hearth-executor-2`), so a recreated replica
+/// adopts the runtimes of the one it replaces; elsewhere [`prepare`] takes the hostname.
+pub async fn connect_adapter(config: &mut Config) -> anyhow::Result<Arc<dyn Adapter>> {
+    use anyhow::Context;
+    use hearth_adapters::docker::{Addressing, DockerAdapter, DockerOptions};
+    use hearth_adapters::swarm::{SwarmAdapter, SwarmOptions};
+
+    let call_timeout = Duration::from_secs(30);
+    let own_container = hostname();
+    let (adapter, replica): (Arc<dyn Adapter>, _) = match config.adapter {
+        config::AdapterKind::Docker => {
+            let addressing = match config.addressing {
+                config::Addressing::Published => Addressing::Published,
+                config::Addressing::Network => Addressing::Network,
+            };
+            let docker = DockerAdapter::connect(DockerOptions {
+                addressing,
+                call_timeout,
+            })
+            .await
+            .context("failed to connect to Docker")?;
+            let replica = docker.replica_name(&own_container).await;
+            (Arc::new(docker), replica)
+        }
+        config::AdapterKind::Swarm => {
+            anyhow::ensure!(
+                config.addressing == config::Addressing::Network,
+                "OPR_EXECUTOR_ADDRESSING=published does not work with OPR_EXECUTOR_ADAPTER=swarm: \
+                 Swarm runtimes are reached by service name on their overlay network"
+            );
+            let swarm = SwarmAdapter::connect(SwarmOptions {
+                call_timeout,
+                ..SwarmOptions::default()
+            })
+            .await
+            .context("failed to connect to Docker Swarm")?;
+            let replica = swarm.docker().replica_name(&own_container).await;
+            (Arc::new(swarm), replica)
+        }
+    };
+    if config.name.is_empty() {
+        if let Some(name) = replica {
+            config.name = name;
+        }
+    }
+    Ok(adapter)
 }
 
 fn hostname() -> String {

@@ -1,16 +1,12 @@
 //! `hearth-executor`: parse the configuration, start tracing, serve the API until SIGTERM/SIGINT.
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use anyhow::Context;
 use clap::Parser;
-use hearth_adapters::docker::{Addressing, DockerAdapter, DockerOptions};
-use hearth_executor::config::{self, Config};
+use hearth_executor::config::Config;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
+    let mut config = Config::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     if std::env::var("LOG_FORMAT").as_deref() == Ok("json") {
@@ -25,20 +21,12 @@ async fn main() -> anyhow::Result<()> {
         !config.secret.is_empty(),
         "OPR_EXECUTOR_SECRET must not be empty"
     );
-    let addressing = match config.addressing {
-        config::Addressing::Published => Addressing::Published,
-        config::Addressing::Network => Addressing::Network,
-    };
-    let adapter = DockerAdapter::connect(DockerOptions {
-        addressing,
-        call_timeout: Duration::from_secs(30),
-    })
-    .await
-    .context("failed to connect to Docker")?;
+    // Docker or Swarm (`OPR_EXECUTOR_ADAPTER`); may name the executor after its replica.
+    let adapter = hearth_executor::connect_adapter(&mut config).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("failed to listen on {}", config.listen))?;
-    let executor = hearth_executor::prepare(config, Arc::new(adapter)).await?;
+    let executor = hearth_executor::prepare(config, adapter).await?;
     tracing::info!(address = %listener.local_addr()?, "executor listening");
     hearth_executor::run(executor, listener, shutdown_signal()).await
 }

@@ -40,6 +40,10 @@ pub struct Options {
     pub storage: Option<PathBuf>,
     /// `OPR_EXECUTOR_CONNECTION_STORAGE` (default: local storage).
     pub storage_dsn: Option<String>,
+    /// Warm pools on, with these images prestarted (`OPR_EXECUTOR_IMAGES`); empty: pools off.
+    pub pool_images: Vec<String>,
+    pub pool_min: usize,
+    pub pool_max: usize,
 }
 
 impl Options {
@@ -51,7 +55,17 @@ impl Options {
             max_runtimes: 100,
             storage: None,
             storage_dsn: None,
+            pool_images: Vec::new(),
+            pool_min: 1,
+            pool_max: 8,
         }
+    }
+
+    /// Warm pools on for `images`, `min` members each.
+    pub fn pooled(mut self, images: &[&str], min: usize) -> Self {
+        self.pool_images = images.iter().map(|i| i.to_string()).collect();
+        self.pool_min = min;
+        self
     }
 }
 
@@ -99,6 +113,10 @@ impl TestExecutor {
         if let Some(dsn) = &options.storage_dsn {
             config.storage = dsn.clone();
         }
+        config.pool = !options.pool_images.is_empty();
+        config.images = options.pool_images.clone();
+        config.pool_min = options.pool_min;
+        config.pool_max = options.pool_max;
         let adapter = DockerAdapter::connect(DockerOptions {
             addressing: Addressing::Published,
             call_timeout: Duration::from_secs(60),
@@ -194,6 +212,34 @@ impl TestExecutor {
             .unwrap_or_default()
     }
 
+    /// Sum of every sample of a metric family whose labels contain `filter` (`""`: all).
+    pub async fn metric_sum(&self, name: &str, filter: &str) -> Result<f64> {
+        let text = self.get("/metrics").send().await?.text().await?;
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(filter))
+            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+            .sum())
+    }
+
+    /// Waits until `hearth_pool_idle` for `image` reaches `count`.
+    pub async fn wait_pool(&self, image: &str, count: f64, limit: Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let idle = self
+                .metric_sum("hearth_pool_idle", &format!("image=\"{image}\""))
+                .await?;
+            if idle >= count {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the pool of {image} holds {idle} members after {limit:?} (want {count})"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// A counter or gauge from `/metrics`.
     pub async fn metric(&self, name: &str) -> Result<f64> {
         let text = self.get("/metrics").send().await?.text().await?;
@@ -212,6 +258,13 @@ impl Drop for TestExecutor {
             let _ = stop.send(());
         }
         remove_by_label(&format!("hearth.executor={}", self.name));
+        if self.executor.config.pool {
+            // A pool creation already sent to Docker may land after the removal above.
+            for _ in 0..4 {
+                std::thread::sleep(Duration::from_millis(500));
+                remove_by_label(&format!("hearth.executor={}", self.name));
+            }
+        }
     }
 }
 

@@ -7,6 +7,8 @@
 //! - [`docker`]: test containers on the real engine, labelled `hearth.test=1`, removed on drop;
 //! - [`executor`]: a real executor served in-process, with helpers to stage sources;
 //! - [`s3`]: a local S3-compatible server (moto) for storage tests;
+//! - [`swarm`]: the repository's stack on Docker Swarm (`make swarm-up`/`swarm-down`) for the
+//!   Swarm end-to-end test;
 //! - [`runtime`]: the runtime images and their fixtures, building functions with an image's own
 //!   `helpers/build.sh` and starting server containers from the result.
 //!
@@ -18,3 +20,4 @@ pub mod docker;
 pub mod executor;
 pub mod runtime;
 pub mod s3;
+pub mod swarm;

@@ -1,12 +1,14 @@
 //! Runtime images as the tests see them: the table of images with their fixtures, building a
 //! function with the image's own `helpers/build.sh`, and starting a server container from the
-//! built archive.
+//! built archive, either fresh (the archive in `/mnt/code`) or pooled (a pool member specialised
+//! with the archive over `POST /__hearth/specialise`, `runtimes/pool-protocol.md`).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use bollard::Docker;
+use serde_json::{json, Map, Value};
 
 use crate::docker::{tar_of_dir, Container, ContainerSpec};
 
@@ -249,5 +251,150 @@ impl Server {
     pub async fn log_dir(&self) -> Result<Vec<String>> {
         let (_, out, _) = self.container.exec(&["ls", "-1", "/mnt/logs"]).await?;
         Ok(out.lines().map(str::to_string).collect())
+    }
+}
+
+/// The route that hands a pool member its function.
+pub const SPECIALISE_PATH: &str = "/__hearth/specialise";
+/// The header carrying the pool member's `OPEN_RUNTIMES_POOL_SECRET`.
+pub const POOL_SECRET_HEADER: &str = "x-hearth-pool-secret";
+
+/// A runtime container started in pool mode: no code, only `OPEN_RUNTIMES_POOL_SECRET` in its
+/// env (plus the image's own), the image's default command, waiting for its function.
+pub struct PoolMember {
+    pub server: Server,
+    pub secret: String,
+}
+
+impl PoolMember {
+    /// Starts a pool member of `image` with a random secret and waits until `/__opr/health`
+    /// answers. Of `options` only the limits and the network apply: a member has no function env.
+    pub async fn start(docker: &Docker, image: &str, options: &ServerOptions) -> Result<Self> {
+        let secret = random_secret()?;
+        let mut spec = ContainerSpec::new(image).env("OPEN_RUNTIMES_POOL_SECRET", &secret);
+        match &options.network {
+            Some(network) => spec.network = Some(network.clone()),
+            None => spec = spec.publish(3000),
+        }
+        spec.memory_mb = options.memory_mb;
+        spec.nano_cpus = options.nano_cpus;
+        let container = Container::create(docker, &spec).await?;
+        container.start().await?;
+        let server = Server::attach(container, options.network.as_deref()).await?;
+        server.wait_healthy(Duration::from_secs(30)).await?;
+        Ok(Self { server, secret })
+    }
+
+    /// `POST /__hearth/specialise` with `body`, carrying `secret` when given.
+    pub async fn post(
+        &self,
+        secret: Option<&str>,
+        body: impl Into<reqwest::Body>,
+    ) -> Result<reqwest::Response> {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()?;
+        let mut request = client
+            .post(format!("{}{SPECIALISE_PATH}", self.server.url))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(secret) = secret {
+            request = request.header(POOL_SECRET_HEADER, secret);
+        }
+        request
+            .send()
+            .await
+            .context("failed to send the specialise request")
+    }
+
+    /// Hands the member its function as the executor does; it must answer 200
+    /// `{"specialised":true}`. From then on it is the runtime of that function.
+    pub async fn specialise(self, env: &[(String, String)], archive: &[u8]) -> Result<Server> {
+        let body = specialise_body(env, archive).to_string();
+        let res = self.post(Some(&self.secret), body).await?;
+        let status = res.status().as_u16();
+        let text = res.text().await?;
+        ensure!(
+            status == 200
+                && serde_json::from_str::<Value>(&text).ok() == Some(json!({"specialised": true})),
+            "specialise answered {status} {text:?}; container output:\n{}",
+            self.server.container.output().await.unwrap_or_default()
+        );
+        Ok(self.server)
+    }
+}
+
+impl Server {
+    /// A pooled runtime of `archive`: a pool member of `image`, specialised with the env
+    /// `options` would give a fresh container. Serves what [`Server::start`] would.
+    pub async fn start_pooled(
+        docker: &Docker,
+        image: &str,
+        archive: &[u8],
+        options: &ServerOptions,
+    ) -> Result<Self> {
+        let member = PoolMember::start(docker, image, options).await?;
+        member.specialise(&options.env, archive).await
+    }
+}
+
+/// The body of `POST /__hearth/specialise`: `{"env": {...}, "code": "<base64>"}`.
+pub fn specialise_body(env: &[(String, String)], archive: &[u8]) -> Value {
+    let env: Map<String, Value> = env
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    json!({"env": env, "code": base64(archive)})
+}
+
+/// 32 hex characters from the OS's random source.
+pub fn random_secret() -> Result<String> {
+    let mut bytes = [0u8; 16];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").context("failed to open /dev/urandom")?,
+        &mut bytes,
+    )
+    .context("failed to read /dev/urandom")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Standard base64 with padding (RFC 4648 §4).
+pub fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::base64;
+
+    #[test]
+    fn base64_matches_rfc_4648_vectors() {
+        for (input, want) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(input.as_bytes()), want);
+        }
+        assert_eq!(base64(&[0xff, 0xfe, 0xfd]), "//79");
     }
 }

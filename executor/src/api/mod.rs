@@ -134,6 +134,14 @@ fn runtime_params(
     params.version = Version::parse(&version).ok_or_else(|| {
         Error::InvalidArgument("Invalid `version` param: Value must be one of (v2, v5)".to_string())
     })?;
+    // Keep-warm (Hearth): a per-runtime idle TTL and a pin against idle reaping.
+    params.idle_timeout = fields.integer_in("idleTimeout", 0, 0, 7 * 24 * 3600)? as u64;
+    params.keep_warm = fields.integer_in("keepWarm", 0, 0, 1).map_err(|_| {
+        Error::InvalidArgument(
+            "Invalid `keepWarm` param: Value must be 0 or 1 (a runtime id is one instance; keep more warm with more runtime ids)."
+                .to_string(),
+        )
+    })? as u64;
     let policy = fields.string("restartPolicy", 32)?.unwrap_or_default();
     params.restart_policy = RestartPolicy::parse(&policy).ok_or_else(|| {
         Error::InvalidArgument(
@@ -327,7 +335,7 @@ async fn run_command(
 async fn metrics(State(executor): State<Arc<Executor>>) -> Response {
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4")],
-        executor.metrics.render(executor.warm()),
+        executor.metrics.render(executor.warm()) + &executor.pools.render_metrics(),
     )
         .into_response()
 }

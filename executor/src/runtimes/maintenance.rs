@@ -1,8 +1,10 @@
 //! Keeping the table true to the platform: adoption at boot, idle reaping, reconciliation.
 //!
 //! At boot every container labelled with this executor's name is either adopted (running, with
-//! the labels needed to talk to it) or removed. Each maintenance pass reaps runtimes idle longer
-//! than the inactive threshold (never one with an execution in flight), drops entries whose
+//! the labels needed to talk to it) or removed (pool members and runtimes specialised from them
+//! carry no runtime id, so they are removed). Each maintenance pass reaps runtimes idle longer
+//! than their keep-warm TTL or the inactive threshold (never one with an execution in flight,
+//! never one pinned with `keepWarm`), drops entries whose
 //! container vanished, and removes containers of this executor that no entry owns.
 
 use std::collections::HashSet;
@@ -77,7 +79,7 @@ impl Executor {
             if runtime.is_pending() || runtime.in_flight() > 0 {
                 continue;
             }
-            if runtime.idle_for() > threshold && self.remove_if_idle(&runtime) {
+            if runtime.expired(threshold) && self.remove_if_idle(&runtime) {
                 tracing::debug!(runtime = %runtime.id, "reaped idle runtime");
                 changed += 1;
             }
@@ -109,11 +111,13 @@ impl Executor {
                 changed += 1;
             }
         }
-        let owned: HashSet<String> = self
+        let mut owned: HashSet<String> = self
             .snapshot()
             .iter()
             .filter_map(|r| r.container_id().map(str::to_string))
             .collect();
+        // Idle pool members belong to the pools.
+        owned.extend(self.pools.member_ids());
         for info in &found {
             // A container this young may belong to a creation whose entry is still on its way.
             let young = info

@@ -4,7 +4,8 @@
 //!   single-flight cold starts, lookup with in-flight counting, deletion, listing;
 //! - [`execute`]: forwarding an execution to a runtime and collecting its logs;
 //! - [`build`]: builds (`command`), their captured output and the live build log;
-//! - [`maintenance`]: boot-time adoption of containers, idle reaping, reconciliation.
+//! - [`maintenance`]: boot-time adoption of containers, idle reaping, reconciliation;
+//! - [`pool`]: warm pools of generic runtimes specialised on a function's first execution.
 //!
 //! Concurrency rules: the table is a `DashMap`; a `Ref` is never held across `.await` nor while
 //! inserting. A runtime's in-flight counter is raised while its table entry is locked, and the
@@ -14,6 +15,7 @@
 pub mod build;
 pub mod execute;
 pub mod maintenance;
+pub mod pool;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -74,7 +76,15 @@ pub struct Runtime {
     phase: watch::Sender<Phase>,
     container: OnceLock<String>,
     endpoint: OnceLock<Endpoint>,
-    logs_dir: Option<PathBuf>,
+    /// Host folder of its log files, when the adapter shares host folders (a pooled runtime
+    /// gets its member's, so it is set once the container is known).
+    logs_dir: OnceLock<PathBuf>,
+    /// Keep-warm: idle time after which it is reaped (`None`: the executor's threshold).
+    idle_ttl: Option<Duration>,
+    /// Keep-warm: never reaped for idleness (`keepWarm` ≥ 1 at creation).
+    pinned: bool,
+    /// Whether it came from a warm pool.
+    pooled: AtomicBool,
     pub build_log: BuildLog,
 }
 
@@ -103,9 +113,26 @@ impl Runtime {
             phase: watch::channel(Phase::Pending).0,
             container: OnceLock::new(),
             endpoint: OnceLock::new(),
-            logs_dir,
+            logs_dir: logs_dir.map(OnceLock::from).unwrap_or_default(),
+            idle_ttl: None,
+            pinned: false,
+            pooled: AtomicBool::new(false),
             build_log: BuildLog::default(),
         }
+    }
+
+    pub fn logs_dir(&self) -> Option<&PathBuf> {
+        self.logs_dir.get()
+    }
+
+    /// Whether it has idled past its keep-warm TTL (or the executor's threshold).
+    pub fn expired(&self, threshold: Duration) -> bool {
+        !self.pinned && self.idle_for() > self.idle_ttl.unwrap_or(threshold)
+    }
+
+    /// Whether its container came from a warm pool.
+    pub fn pooled(&self) -> bool {
+        self.pooled.load(Ordering::Relaxed)
     }
 
     pub fn in_flight(&self) -> usize {
@@ -221,6 +248,10 @@ pub struct RuntimeParams {
     pub memory: u64,
     pub version: Version,
     pub restart_policy: RestartPolicy,
+    /// Keep-warm: seconds of idleness before it is reaped (0: the executor's threshold).
+    pub idle_timeout: u64,
+    /// Keep-warm: warm instances to keep (0 or 1; 1 means never reaped for idleness).
+    pub keep_warm: u64,
 }
 
 impl RuntimeParams {
@@ -242,6 +273,8 @@ impl RuntimeParams {
             memory: 512,
             version: Version::V5,
             restart_policy: RestartPolicy::No,
+            idle_timeout: 0,
+            keep_warm: 0,
         }
     }
 }
@@ -254,6 +287,7 @@ pub struct Executor {
     pub invoker: Invoker,
     pub metrics: Metrics,
     runtimes: DashMap<String, Arc<Runtime>>,
+    pub pools: pool::Pools,
     /// Entries in the table, kept beside it so the limit check never locks every shard.
     count: AtomicUsize,
     /// Prefix of runtime names and value of the executor label.
@@ -263,6 +297,7 @@ pub struct Executor {
 impl Executor {
     pub fn new(config: Config, adapter: Arc<dyn Adapter>, storage: Storage, name: String) -> Self {
         Self {
+            pools: pool::Pools::new(config.pool_creations),
             config,
             adapter,
             storage,
@@ -405,13 +440,17 @@ impl Executor {
             .adapter
             .shares_host_folders()
             .then(|| self.config.runtimes_dir.join(&name).join("logs"));
-        let runtime = Arc::new(Runtime::new(
+        let mut runtime = Runtime::new(
             &params.runtime_id,
             name,
             &params.image,
             params.version,
             logs_dir,
-        ));
+        );
+        runtime.idle_ttl =
+            (params.idle_timeout > 0).then(|| Duration::from_secs(params.idle_timeout));
+        runtime.pinned = params.keep_warm > 0;
+        let runtime = Arc::new(runtime);
         match self.runtimes.entry(params.runtime_id.clone()) {
             Entry::Occupied(_) => {
                 self.count.fetch_sub(1, Ordering::AcqRel);
@@ -514,7 +553,8 @@ impl Executor {
             result = Err(Error::RuntimeNotFound);
         }
         if result.is_ok() {
-            if let Some(deadline) = deadline {
+            if let Some(deadline) = deadline.filter(|_| !runtime.listening.load(Ordering::Acquire))
+            {
                 // Ready only once it listens, so the waiting executions go straight through.
                 result = self.probe(&runtime, deadline).await.map(|()| None);
             } else if is_build {
@@ -558,10 +598,23 @@ impl Executor {
         } else {
             Some(self.storage.get("source", &params.source).await?)
         };
-        if let Some(dir) = &runtime.logs_dir {
+        if let Some(dir) = runtime.logs_dir() {
             tokio::fs::create_dir_all(dir).await.map_err(|err| {
                 Error::Internal(format!("failed to create {}: {err}", dir.display()))
             })?;
+        }
+        let serving = for_execution || params.command.is_empty();
+        if serving {
+            if let Some(source) = &source {
+                if self.poolable(params) && self.start_pooled(runtime, params, source).await? {
+                    return Ok(());
+                }
+            }
+            if !self.adapter.places_files_before_start() {
+                return Err(Error::InvalidArgument(
+                    "This executor's platform hands runtimes their code over HTTP, which needs a v5 runtime with a `source` and no `runtimeEntrypoint`.".to_string(),
+                ));
+            }
         }
         let spec = self.container_spec(runtime, params, for_execution);
         let id = match self.adapter.create(&spec).await {
@@ -588,12 +641,64 @@ impl Executor {
         Ok(())
     }
 
-    fn container_spec(
+    /// Gives the runtime a pool member (or, where files cannot be placed before start, a fresh
+    /// generic container) and hands it the function over the pool protocol. `Ok(false)`: no
+    /// member was ready, start a container the usual way.
+    async fn start_pooled(
         &self,
-        runtime: &Runtime,
+        runtime: &Arc<Runtime>,
         params: &RuntimeParams,
-        for_execution: bool,
-    ) -> RuntimeSpec {
+        source: &bytes::Bytes,
+    ) -> Result<bool> {
+        let key = pool::PoolKey::new(&params.image, params.cpus, params.memory);
+        let taken = if self.config.pool {
+            self.take_member(&key)
+        } else {
+            None
+        };
+        let pooled = taken.is_some();
+        let member = match taken {
+            Some(member) => member,
+            None if self.adapter.places_files_before_start() => return Ok(false),
+            None => self.start_member(&key).await?,
+        };
+        let env = self.function_env(runtime, params);
+        if let Err(err) = self
+            .invoker
+            .specialise(&member.endpoint, &member.secret, &env, source)
+            .await
+        {
+            self.discard_member(&member).await;
+            if pooled && self.adapter.places_files_before_start() {
+                tracing::warn!(runtime = %runtime.id, error = %err, "a pool member failed to specialise; starting a fresh container");
+                return Ok(false);
+            }
+            return Err(Error::RuntimeFailed(format!(
+                "failed to hand the function to its runtime: {err}"
+            )));
+        }
+        let _ = runtime.container.set(member.container);
+        let _ = runtime.endpoint.set(member.endpoint);
+        if let Some(dir) = member.logs_dir {
+            let _ = runtime.logs_dir.set(dir);
+        }
+        runtime.pooled.store(pooled, Ordering::Relaxed);
+        runtime.listening.store(true, Ordering::Release);
+        Ok(true)
+    }
+
+    /// Labels from `OPR_EXECUTOR_LABELS`.
+    fn configured_labels(&self) -> HashMap<String, String> {
+        self.config
+            .labels
+            .iter()
+            .filter_map(|pair| pair.split_once('='))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect()
+    }
+
+    /// The function's environment: its variables, then the runtime protocol's (which win).
+    fn function_env(&self, runtime: &Runtime, params: &RuntimeParams) -> Vec<(String, String)> {
         let mut env: Vec<(String, String)> = Vec::new();
         let mut set = |key: &str, value: String| {
             env.retain(|(k, _)| k != key);
@@ -625,6 +730,16 @@ impl Executor {
                 set("OPEN_RUNTIMES_MEMORY", params.memory.to_string());
             }
         }
+        env
+    }
+
+    fn container_spec(
+        &self,
+        runtime: &Runtime,
+        params: &RuntimeParams,
+        for_execution: bool,
+    ) -> RuntimeSpec {
+        let env = self.function_env(runtime, params);
         let cmd = if !params.runtime_entrypoint.is_empty() {
             Some(vec![
                 "bash".to_string(),
@@ -642,13 +757,7 @@ impl Executor {
             // The image's own command starts its server (it finds the code in /tmp).
             None
         };
-        let mut labels: HashMap<String, String> = self
-            .config
-            .labels
-            .iter()
-            .filter_map(|pair| pair.split_once('='))
-            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-            .collect();
+        let mut labels = self.configured_labels();
         labels.insert(EXECUTOR_LABEL.to_string(), self.name.clone());
         labels.insert(RUNTIME_LABEL.to_string(), runtime.id.clone());
         labels.insert(SECRET_LABEL.to_string(), runtime.secret.clone());
@@ -670,7 +779,7 @@ impl Executor {
             networks: self.config.networks.clone(),
             restart_policy: params.restart_policy,
             port: RUNTIME_PORT,
-            logs_dir: runtime.logs_dir.clone(),
+            logs_dir: runtime.logs_dir().cloned(),
         }
     }
 
@@ -797,7 +906,7 @@ async fn remove_container(adapter: &dyn Adapter, runtime: &Runtime) {
             }
         }
     }
-    if let Some(dir) = &runtime.logs_dir {
+    if let Some(dir) = runtime.logs_dir() {
         if let Some(parent) = dir.parent() {
             let _ = tokio::fs::remove_dir_all(parent).await;
         }

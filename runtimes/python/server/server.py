@@ -12,7 +12,8 @@ gzip/deflate request bodies, HEAD, and the 20 MiB body limit (413). Modules that
 needs (json, hmac, zlib...) are imported on first use.
 
 Layout of this file:
-- configuration read once at start (secret, enforced headers, entrypoint, mode);
+- configuration read once at start (secret, enforced headers, entrypoint, mode), or once
+  specialised in pool mode (`_read_config`);
 - `Logger`: per-request log buffers, written to /mnt/logs once at the end of the request;
 - `_NativeStream`: the `sys.stdout`/`sys.stderr` proxy that routes `print()` to the logger of
   the request running in the current context (a ContextVar, which also flows into the thread
@@ -20,6 +21,8 @@ Layout of this file:
 - `Request`/`Response`/`Context`: the `context` API given to `main(context)`;
 - `handle_v5` / `handle_v2`: the per-request steps of runtime-protocol.md §2 / §3; each returns
   `(status, [(header, value)...], body bytes)`;
+- pool mode (runtimes/pool-protocol.md): started without code, the function arrives over
+  `POST /__hearth/specialise`; `_load_specialisation` does the start steps in process;
 - `HttpProtocol`: HTTP/1.1 on an asyncio Protocol (every path is the function);
 - `main()`: binds 0.0.0.0:3000 and prints the startup line.
 """
@@ -54,9 +57,43 @@ RETURN_MISSING = "Return statement missing. return context.res.empty() if no res
 NO_MAIN = "Function signature invalid. Did you forget to export a 'main' function?"
 HIDDEN_PREFIX = "x-open-runtimes-"
 
-SECRET = os.environ.get("OPEN_RUNTIMES_SECRET", "").encode()
-DEVELOPMENT = os.environ.get("OPEN_RUNTIMES_ENV", "") == "development"
+
+
+def _scrub_environ(name):
+    """Zeroes `name=value` in the environment block the kernel gave this process (what
+    /proc/<pid>/environ shows): removing it from os.environ only unlinks it. Best effort."""
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            block = f.read()
+        needle = name.encode() + b"="
+        at = block.find(needle)
+        while at > 0 and block[at - 1] != 0:
+            at = block.find(needle, at + 1)
+        if at < 0:
+            return
+        end = block.find(b"\0", at)
+        if end < 0:
+            end = len(block)
+        with open("/proc/self/stat", "rb") as f:
+            stat = f.read()
+        env_start = int(stat[stat.rindex(b")") + 2:].split()[47])
+        mem = os.open("/proc/self/mem", os.O_RDWR)
+        try:
+            os.pwrite(mem, bytes(end - at), env_start + at)
+        finally:
+            os.close(mem)
+    except (OSError, ValueError, IndexError):
+        pass  # nothing worse than before: the variable is already out of os.environ
+
+
+# Pool mode (runtimes/pool-protocol.md): read once, then gone from the environment at once, so
+# neither the function nor a process it starts can see it. v2 is never pooled.
+POOL_SECRET = os.environ.pop("OPEN_RUNTIMES_POOL_SECRET", None)
+if POOL_SECRET is not None:
+    _scrub_environ("OPEN_RUNTIMES_POOL_SECRET")
+POOL_SECRET = (POOL_SECRET or "").encode()
 V2_KEY = os.environ.get("INTERNAL_RUNTIME_KEY", "")
+POOLED = bool(POOL_SECRET) and not V2_KEY
 
 
 def _stringify_header(value):
@@ -81,9 +118,6 @@ def _enforced_headers():
     return {str(k).lower(): _stringify_header(v) for k, v in parsed.items()}
 
 
-ENFORCED_HEADERS = _enforced_headers()
-
-
 def _thread_count():
     try:
         return max(1, int(os.environ.get("HEARTH_PYTHON_THREADS", "")))
@@ -91,9 +125,28 @@ def _thread_count():
         return 64
 
 
-# Sync `def main` runs here so a blocking function does not stall the event loop. Threads are
-# created on demand, so a large maximum costs nothing until concurrent sync calls need it.
-POOL = ThreadPoolExecutor(max_workers=_thread_count(), thread_name_prefix="function")
+def _read_config():
+    """Every setting taken from the environment: at start, and in pool mode once specialised."""
+    global SECRET, DEVELOPMENT, ENFORCED_HEADERS, ENTRYPOINT, V2_ENTRYPOINT, POOL
+    SECRET = os.environ.get("OPEN_RUNTIMES_SECRET", "").encode()
+    DEVELOPMENT = os.environ.get("OPEN_RUNTIMES_ENV", "") == "development"
+    ENFORCED_HEADERS = _enforced_headers()
+    ENTRYPOINT = os.environ.get("OPEN_RUNTIMES_ENTRYPOINT", "")
+    V2_ENTRYPOINT = os.environ.get("INTERNAL_RUNTIME_ENTRYPOINT", "") or ENTRYPOINT
+    # Sync `def main` runs here so a blocking function does not stall the event loop. Threads
+    # are created on demand, so a large maximum costs nothing until concurrent sync calls need it.
+    POOL = ThreadPoolExecutor(max_workers=_thread_count(), thread_name_prefix="function")
+
+
+SECRET = b""
+DEVELOPMENT = False
+ENFORCED_HEADERS = {}
+ENTRYPOINT = ""
+V2_ENTRYPOINT = ""
+POOL = None
+# A pool member has no function yet: its settings are read when it gets one.
+if not POOLED:
+    _read_config()
 
 
 # --- logging --------------------------------------------------------------------------------
@@ -408,8 +461,6 @@ async def run_function(main, is_async, args, timeout):
 
 # --- v5 ---------------------------------------------------------------------------------------
 
-ENTRYPOINT = os.environ.get("OPEN_RUNTIMES_ENTRYPOINT", "")
-
 
 def _parse_url(request, scheme):
     raw = request.raw_path
@@ -592,7 +643,6 @@ class V2Response:
         return self
 
 
-V2_ENTRYPOINT = os.environ.get("INTERNAL_RUNTIME_ENTRYPOINT", "") or ENTRYPOINT
 JSON_HEADERS = [("content-type", "application/json")]
 
 
@@ -665,6 +715,471 @@ async def dispatch(request):
                 timings = ""
             return 200, TEXT_HEADERS, timings.encode("utf-8")
     return await (handle_v2(request) if V2_KEY else handle_v5(request))
+
+
+# --- pool mode --------------------------------------------------------------------------------
+# Started without code (runtimes/pool-protocol.md); the function arrives once, over
+# POST /__hearth/specialise. Until then only that route and the health check answer. `main`
+# points `dispatch` at `_pool_dispatch`, and specialising at `_specialised_dispatch`, so requests
+# of a fresh server pay nothing for pool mode.
+
+POOL_ROUTE = "/__hearth/specialise"
+POOL_BODY_LIMIT = 512 * 1024 * 1024
+NOT_SPECIALISED_REPLY = (503, JSON_HEADERS, b'{"message":"Runtime is not specialised yet."}')
+# `.open-runtimes` beyond plain `NAME=word` lines: bash sources it (as start.sh does) on top of the
+# env it is given, its output to stderr, and prints the resulting environment.
+SOURCE_SCRIPT = 'set -a; source "$1" >&2; exec /usr/bin/env -0'
+# Variables bash sets for itself: the server keeps its own (those of a fresh start).
+SHELL_OWN = frozenset(("SHLVL", "PWD", "OLDPWD", "_"))
+# A value written by bash's `printf %q` for the usual values: characters bash takes literally,
+# backslash escapes, or '' for the empty string. Anything else is left to bash.
+PLAIN_LINE = r"([A-Za-z_][A-Za-z0-9_]*)=((?:[A-Za-z0-9_./:@%+,=^-]|[^\x00-\x7f]|\\.)*|'')"
+_fresh_dispatch = dispatch
+_pool_state = "waiting"  # -> "specialising" -> "specialised" | "failed": the step runs once
+# Request bodies: larger than MAX_BODY only for the archive of a pool member.
+_body_limit = MAX_BODY
+
+
+def _pool_reply(status, message):
+    import json
+
+    return status, JSON_HEADERS, json.dumps({"message": message}, separators=(",", ":")).encode()
+
+
+async def _pool_dispatch(request):
+    path = request.raw_path
+    if path == "/__opr/health":
+        return HEALTH_REPLY
+    if path == POOL_ROUTE and request.method == "POST":
+        return await _specialise(request)
+    return NOT_SPECIALISED_REPLY
+
+
+def _specialised_dispatch(request):
+    """The fresh server's dispatch; only the pool route answers (409)."""
+    if request.raw_path == POOL_ROUTE and request.method == "POST":
+        return _specialise(request)
+    return _fresh_dispatch(request)
+
+
+async def _specialise(request):
+    global _pool_state
+    given = request.headers.get("x-hearth-pool-secret", "").encode("utf-8", "surrogateescape")
+    if not _compare_digest(given, POOL_SECRET):
+        return _pool_reply(401, 'Missing or wrong "x-hearth-pool-secret" header.')
+    if _pool_state != "waiting":
+        if _pool_state == "specialising":
+            return _pool_reply(409, "A specialisation is under way.")
+        if _pool_state == "failed":
+            return _pool_reply(409, "A specialisation failed: this runtime is unusable.")
+        return _pool_reply(409, "Runtime is already specialised.")
+    _pool_state = "specialising"
+    # Shielded: a client gone away does not leave the runtime half specialised.
+    return await asyncio.shield(asyncio.ensure_future(_run_specialisation(request.body)))
+
+
+async def _run_specialisation(body):
+    global _pool_state, dispatch, _body_limit
+    try:
+        status, message = await _load_specialisation(body)
+    except Exception as err:
+        status, message = 500, "Failed to load the function: %s" % err
+    if status != 200:
+        _pool_state = "failed"
+        return _pool_reply(status, message)
+    _pool_state = "specialised"
+    _body_limit = MAX_BODY
+    dispatch = _specialised_dispatch
+    return 200, JSON_HEADERS, b'{"specialised":true}'
+
+
+def _parse_specialisation(body):
+    """{"env": {"NAME": "value", ...}, "code": "<base64 archive>"} -> (env, archive) or a message."""
+    import base64
+    import json
+
+    try:
+        payload = json.loads(body)
+    except ValueError as err:
+        return "The body is not JSON: %s" % err
+    if not isinstance(payload, dict):
+        return 'The body must be a JSON object with "env" and "code".'
+    variables = payload.get("env")
+    if variables is None:
+        variables = {}
+    if not isinstance(variables, dict):
+        return '"env" must be an object of strings.'
+    for key, value in variables.items():
+        if not key or "=" in key or "\0" in key or not isinstance(value, str) or "\0" in value:
+            return 'Invalid variable in "env": %s.' % json.dumps(key)
+    code = payload.get("code")
+    if not isinstance(code, str):
+        return '"code" must be a base64 string.'
+    try:
+        archive = base64.b64decode(code, validate=True)
+    except ValueError:  # binascii.Error, or non-ASCII text
+        return '"code" must be a base64 string.'
+    return variables, archive
+
+
+def _run(command, data, child_env):
+    """Runs a command with `data` on stdin: (None, stdout) or (message of the failure, None)."""
+    import subprocess
+
+    try:
+        done = subprocess.run(command, input=data, capture_output=True, env=child_env, cwd="/usr/local/server")
+    except (OSError, ValueError) as err:  # e.g. a variable the OS cannot take
+        return str(err), None
+    stderr = done.stderr.decode("utf-8", "replace")
+    if done.returncode != 0:
+        return stderr.strip() or "%s exited with %d" % (command[0], done.returncode), None
+    if stderr:
+        sys.__stderr__.write(stderr)
+    return None, done.stdout
+
+
+class _Refused(Exception):
+    """An archive member that could lead out of the function folder."""
+
+
+def _umask():
+    """The process umask, from /proc (setting it to read it would race with other threads)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+def _member_path(name):
+    """A member name as a relative path ("" for the folder itself), refused when it could lead
+    out of the folder."""
+    if name.startswith("/") or "\0" in name:
+        raise _Refused("Member name is absolute: %s" % name)
+    parts = [part for part in name.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise _Refused("Member name contains '..': %s" % name)
+    return "/".join(parts)
+
+
+def _owner_ids():
+    """User and group ids by name (tar gives owners by name first), read once from the image."""
+    global _OWNER_IDS
+    if _OWNER_IDS is None:
+        ids = ({}, {})
+        for table, path in zip(ids, ("/etc/passwd", "/etc/group")):
+            try:
+                with open(path, "rb") as f:
+                    for line in f.read().split(b"\n"):
+                        fields = line.split(b":")
+                        if len(fields) > 2 and fields[2].isdigit():
+                            table.setdefault(os.fsdecode(fields[0]), int(fields[2]))
+            except OSError:
+                pass  # numeric ids only
+        _OWNER_IDS = ids
+    return _OWNER_IDS
+
+
+_OWNER_IDS = None
+_UMASK = None
+
+
+def _mtime_ns(member):
+    """The modification time in nanoseconds: pax gives decimals a float would round."""
+    text = member.pax_headers.get("mtime")
+    if text:
+        seconds, _, decimals = text.partition(".")
+        try:
+            whole = int(seconds) * 1_000_000_000
+            part = int((decimals + "000000000")[:9]) if decimals else 0
+            return whole - part if seconds.startswith("-") else whole + part
+        except ValueError:
+            pass
+    return int(member.mtime * 1_000_000_000)
+
+
+def _untar(data, dest):
+    """Extracts the tar archive `data` into the empty folder `dest` in process, as GNU tar does:
+    as root, modes as they are, owners (by name first) and modification times, folders' attributes
+    once their content is in place; as another user, modes through the umask and owners kept.
+    `tarfile` reads the headers (ustar, GNU, pax); the files are written here, with only the calls
+    that change something (with fuse-overlayfs, every one is a round trip to its daemon).
+    Absolute names and `..` are refused; symbolic links are made last, so nothing is written
+    through one (they may point anywhere, as with tar: a venv's `bin/python3` points to /usr/bin).
+    Returns (None, the content of `.open-runtimes`: bytes, None when there is none, False when it
+    is no plain file, a link say, to be read from the folder), or (an error message, None), or
+    (False, None) for entry types left to GNU tar (devices, fifos, sparse files)."""
+    import io
+    import stat
+    import tarfile
+
+    global _UMASK
+    try:
+        tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:")
+        members = tar.getmembers()
+    except tarfile.TarError as err:
+        return "This does not look like a tar archive (%s)" % err, None
+    # tarfile takes a damaged header after the first one for the end of the archive, tar does not.
+    end = data[tar.offset:tar.offset + tarfile.BLOCKSIZE]
+    if end and (len(end) < tarfile.BLOCKSIZE or any(end)):
+        return "Damaged or truncated archive at byte %d" % tar.offset, None
+    entries = []
+    for member in members:
+        if not (member.isdir() or member.issym() or member.islnk() or member.isreg()) or member.issparse():
+            return False, None
+        if member.isreg() and member.offset_data + member.size > len(data):
+            return "Unexpected end of archive in %s" % member.name, None
+        try:
+            path = _member_path(member.name)
+            link = _member_path(member.linkname) if member.islnk() else member.linkname
+        except _Refused as err:
+            return str(err), None
+        if (not path and not member.isdir()) or (member.issym() and (not link or "\0" in link)):
+            return "Invalid member %r" % member.name, None
+        entries.append((member, path, link))
+
+    if _UMASK is None:
+        _UMASK = _umask()
+    umask = _UMASK
+    euid, egid = os.geteuid(), os.getegid()
+    as_root = euid == 0
+    root_stat = os.stat(dest)
+    inherits = bool(root_stat.st_mode & stat.S_ISGID)  # new files would get the folder's group
+    users, groups = _owner_ids() if as_root else ({}, {})
+    made = {"": stat.S_IMODE(root_stat.st_mode)}  # folders in place -> mode made with (or -1)
+    symlinks = {}  # path -> member, made last
+    late_links = []  # hard links to symbolic links, made after them
+    dirs = []
+    view = memoryview(data)
+
+    def full(rel):
+        return dest + "/" + rel if rel else dest
+
+    def parent_of(rel):
+        return rel.rpartition("/")[0]
+
+    def ensure_parent(rel):
+        parent = parent_of(rel)
+        if parent not in made:
+            os.makedirs(full(parent), exist_ok=True)
+            while parent and parent not in made:
+                made[parent] = -1
+                parent = parent_of(parent)
+
+    def through_link(rel):
+        parent = parent_of(rel)
+        while parent:
+            if parent in symlinks:
+                return True
+            parent = parent_of(parent)
+        return False
+
+    def replace(rel, create):
+        """Creates rel; an entry already there (a duplicate name) is replaced, as tar does."""
+        try:
+            return create()
+        except FileExistsError:
+            path = full(rel)
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                os.rmdir(path)
+            else:
+                os.unlink(path)
+            made.pop(rel, None)
+            return create()
+
+    def mode_of(member):
+        return member.mode & 0o7777 if as_root else member.mode & 0o777 & ~umask
+
+    def chown_if_needed(member, uid, gid, chown):
+        if as_root:
+            want_uid = users.get(member.uname, member.uid) if member.uname else member.uid
+            want_gid = groups.get(member.gname, member.gid) if member.gname else member.gid
+            if want_uid != uid or want_gid != gid or inherits:
+                chown(want_uid, want_gid)
+
+    def hard_link(rel, link):
+        ensure_parent(rel)
+        replace(rel, lambda: os.link(full(link), full(rel), follow_symlinks=False))
+
+    env_file = None
+    try:
+        for member, rel, link in entries:
+            if rel == ".open-runtimes":
+                env_file = bytes(view[member.offset_data:member.offset_data + member.size]) if member.isreg() else False
+            if not member.issym():
+                symlinks.pop(rel, None)  # a later entry of that name wins
+            if member.isreg():
+                ensure_parent(rel)
+                created = member.mode & 0o777
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                fd = replace(rel, lambda: os.open(full(rel), flags, created))
+                try:
+                    start, size = member.offset_data, member.size
+                    while size > 0:
+                        written = os.write(fd, view[start:start + size])
+                        start += written
+                        size -= written
+                    chown_if_needed(member, euid, egid, lambda uid, gid: os.fchown(fd, uid, gid))
+                    mode = mode_of(member)  # after chown, which clears the set-id bits
+                    if mode != created & ~umask:
+                        os.fchmod(fd, mode)
+                    mtime = _mtime_ns(member)
+                    os.utime(fd, ns=(mtime, mtime))
+                finally:
+                    os.close(fd)
+            elif member.isdir():
+                if rel not in made:
+                    ensure_parent(rel)
+                    # Made with its mode already (root writes in any folder, others need rwx).
+                    created = member.mode & 0o777 if as_root else 0o700
+                    try:
+                        os.mkdir(full(rel), created)
+                        made[rel] = created & ~umask
+                    except FileExistsError:
+                        if not stat.S_ISDIR(os.lstat(full(rel)).st_mode):
+                            raise
+                        made[rel] = -1
+                dirs.append((member, rel))
+            elif member.islnk():
+                if link in symlinks:
+                    late_links.append((rel, link))
+                else:
+                    hard_link(rel, link)
+            else:  # symbolic link
+                symlinks.pop(rel, None)
+                symlinks[rel] = (member, link)
+        for rel, (member, link) in symlinks.items():
+            if through_link(rel):
+                return "Cannot create %s: it is inside a symbolic link" % rel, None
+            ensure_parent(rel)
+            path = full(rel)
+            replace(rel, lambda: os.symlink(link, path))
+            chown_if_needed(member, euid, egid, lambda uid, gid: os.lchown(path, uid, gid))
+            mtime = _mtime_ns(member)
+            os.utime(path, ns=(mtime, mtime), follow_symlinks=False)
+        for rel, link in late_links:
+            if through_link(rel) or through_link(link):
+                return "Cannot create %s: it is inside a symbolic link" % rel, None
+            hard_link(rel, link)
+        for member, rel in reversed(dirs):
+            if rel in symlinks or through_link(rel):
+                continue  # replaced by a link
+            path = full(rel)
+            created = made.get(rel, -1)
+            if not rel:
+                owner = (root_stat.st_uid, root_stat.st_gid)
+            else:
+                owner = (euid, egid) if created != -1 else (-1, -1)
+            chown_if_needed(member, owner[0], owner[1], lambda uid, gid: os.chown(path, uid, gid))
+            mode = mode_of(member)
+            if mode != created:
+                os.chmod(path, mode)
+            mtime = _mtime_ns(member)
+            os.utime(path, ns=(mtime, mtime))
+    except (OSError, ValueError, OverflowError) as err:
+        return str(err), None
+    return None, env_file
+
+
+# `.open-runtimes` lines, compiled while a pool member waits.
+_plain_line = None
+_ESCAPE = None
+
+
+def _compile_plain_line():
+    global _plain_line, _ESCAPE
+    import re
+
+    _plain_line = re.compile(PLAIN_LINE, re.S)
+    _ESCAPE = re.compile(r"\\(.)", re.S)
+
+
+def _extract(archive, child_env):
+    """Extracts the archive like start.sh and returns (None, the function's environment) or (a
+    message, None). Blocking: runs in a worker thread."""
+    # Gzip by its magic bytes, inflated here: tar -z would start a gzip process for it.
+    if archive[:2] == b"\x1f\x8b":
+        import gzip
+
+        try:
+            archive = gzip.decompress(archive)
+        except (OSError, EOFError, ValueError) as err:  # gzip.BadGzipFile, zlib.error, truncated
+            return "The code is not a valid archive: %s" % err, None
+    # In process: a `tar` process costs more than extracting a small archive. Entry types beyond
+    # files, folders and links (devices, fifos, sparse files) are left to GNU tar.
+    error, env_file = _untar(archive, FUNCTION_DIR)
+    if error is False:
+        error, env_file = _run(["tar", "-xf", "-", "-C", FUNCTION_DIR], archive, child_env)[0], False
+    if error is not None:
+        return "The code is not a valid archive: %s" % error, None
+    path = FUNCTION_DIR + "/.open-runtimes"
+    if env_file is False:  # to be read (start.sh sources it only when it is a file)
+        try:
+            with open(path, "rb") as f:
+                env_file = f.read()
+        except OSError:
+            env_file = None
+    lines = [] if env_file is None else env_file.decode("utf-8", "surrogateescape").split("\n")
+    if _plain_line is None:
+        _compile_plain_line()
+    following = dict(child_env)
+    for line in lines:
+        if not line:
+            continue
+        match = _plain_line.fullmatch(line)
+        if match is None:
+            error, dump = _run(["bash", "-c", SOURCE_SCRIPT, "bash", path], b"", child_env)
+            if error is not None:
+                return "Failed to source .open-runtimes: %s" % error, None
+            following = {}
+            for entry in dump.split(b"\0"):
+                name, eq, value = entry.partition(b"=")
+                if name and eq:
+                    following[os.fsdecode(name)] = os.fsdecode(value)
+            return None, following
+        value = match.group(2)
+        following[match.group(1)] = "" if value == "''" else _ESCAPE.sub(r"\1", value)
+    return None, following
+
+
+async def _load_specialisation(body):
+    """The start steps of a fresh runtime, in process: the archive into the function folder, then
+    the environment, then the settings. Returns (status, message)."""
+    started = time.perf_counter()
+    parsed = _parse_specialisation(body)
+    if isinstance(parsed, str):
+        return 400, parsed
+    variables, archive = parsed
+    child_env = dict(os.environ)
+    child_env.update(variables)
+    error, following = await asyncio.get_running_loop().run_in_executor(None, _extract, archive, child_env)
+    if error is not None:
+        return 400, error
+
+    # The function's environment becomes ours (but for the shell's own variables: those of the
+    # server's start stay).
+    for name in list(os.environ):
+        if name not in following and name not in SHELL_OWN:
+            del os.environ[name]
+    for name, value in following.items():
+        if name not in SHELL_OWN and os.environ.get(name) != value:
+            os.environ[name] = value
+    # helpers/start.sh's prepare_start: the function's venv for the processes it starts.
+    if os.path.isdir(VENV_DIR + "/bin"):
+        os.environ["VIRTUAL_ENV"] = VENV_DIR
+        os.environ["PATH"] = VENV_DIR + "/bin:" + os.environ.get("PATH", "")
+
+    _read_config()
+    _use_function_packages()
+    try:
+        with open(TIMINGS_FILE, "w", encoding="utf-8") as f:
+            f.write("extract=%.6f\n" % (time.perf_counter() - started))
+    except OSError as err:
+        sys.__stderr__.write("Failed to write %s: %s\n" % (TIMINGS_FILE, err))
+    return 200, None
 
 
 # Set by the server, never taken from the function's headers.
@@ -777,7 +1292,7 @@ class HttpProtocol(asyncio.Protocol):
                 length = value
             elif name == "expect":
                 expect = value
-        if length is not None and length.strip().isdigit() and int(length) > MAX_BODY:
+        if length is not None and length.strip().isdigit() and int(length) > _body_limit:
             self._reject(413, "Request Entity Too Large")
         elif expect is not None and expect.lower() == "100-continue" and self.parser.get_http_version() == "1.1":
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -786,7 +1301,7 @@ class HttpProtocol(asyncio.Protocol):
         if self.discard:
             return
         self.body_size += len(chunk)
-        if self.body_size > MAX_BODY:
+        if self.body_size > _body_limit:
             self._reject(413, "Request Entity Too Large")
         else:
             self.body.append(chunk)
@@ -937,6 +1452,31 @@ def _use_function_packages():
     sys.path[:] = added + [p for p in before if p != ""] + [FUNCTION_ROOT, FUNCTION_DIR]
 
 
+def _warm_pool_member():
+    """While a pool member waits (never in fresh mode, whose start this would delay): what the
+    specialise step would otherwise load or compile."""
+    global _UMASK
+    import base64  # noqa: F401 (the modules are cached: the specialise step finds them)
+    import gzip  # noqa: F401
+    import hmac  # noqa: F401
+    import json  # noqa: F401
+    import stat  # noqa: F401
+    import subprocess  # noqa: F401 (archives left to GNU tar, unusual `.open-runtimes`)
+    import tarfile  # noqa: F401
+
+    _compile_plain_line()
+    _ESCAPE.sub(r"\1", _plain_line.fullmatch("A=b\\ c").group(2))
+    _UMASK = _umask()
+    _owner_ids()
+    # The folders written to: an image's folders are copied up by overlayfs on their first change
+    # (the same mode again changes nothing else).
+    for folder in (FUNCTION_DIR, LOGS_DIR, "/mnt/telemetry"):
+        try:
+            os.chmod(folder, os.stat(folder).st_mode & 0o7777)
+        except OSError:
+            pass
+
+
 async def serve():
     loop = asyncio.get_running_loop()
     listener = await loop.create_server(HttpProtocol, "0.0.0.0", 3000, reuse_address=True, backlog=1024)
@@ -946,13 +1486,22 @@ async def serve():
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    # What only requests need, once the server listens (the first request would pay for it).
-    _use_function_packages()
+    # What only requests need, once the server listens (the first request would pay for it). A
+    # pool member does this once it has its function, and meanwhile loads what specialising needs.
+    if POOLED:
+        _warm_pool_member()
+        await loop.run_in_executor(None, int)  # starts the worker thread of the extraction
+    else:
+        _use_function_packages()
     await stop.wait()
     listener.close()
 
 
 def main():
+    global dispatch, _body_limit
+    if POOLED:
+        dispatch = _pool_dispatch
+        _body_limit = POOL_BODY_LIMIT
     sys.stdout = _NativeStream(sys.stdout, errors=False)
     sys.stderr = _NativeStream(sys.stderr, errors=True)
     try:

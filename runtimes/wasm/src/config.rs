@@ -1,7 +1,12 @@
 //! Command-line and environment settings of the binary (clap derive, an `env` on every field),
-//! turned into a [`server::Config`] once in `main`.
+//! turned into a [`server::Config`] once in `main`, or by a pool member's specialisation from
+//! the environment it is handed ([`Args::from_env`]).
 
+use std::collections::HashMap;
+use std::ffi::OsString;
 use std::path::PathBuf;
+
+use clap::{CommandFactory, FromArgMatches};
 
 use crate::server::{self, Config};
 
@@ -49,6 +54,28 @@ pub struct Args {
 }
 
 impl Args {
+    /// The settings a fresh start would read from the environment `env`, read from `env` alone
+    /// (never from the process environment): each field whose `env` name is in `env` is passed
+    /// as its flag, the others take their defaults.
+    pub fn from_env(env: &[(String, String)]) -> Result<Args, clap::Error> {
+        let values: HashMap<&str, &str> =
+            env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let command = Args::command();
+        let mut argv = vec![OsString::from(command.get_name())];
+        for arg in command.get_arguments() {
+            let (Some(name), Some(long)) = (arg.get_env(), arg.get_long()) else {
+                continue;
+            };
+            if let Some(value) = name.to_str().and_then(|name| values.get(name)) {
+                argv.push(OsString::from(format!("--{long}={value}")));
+            }
+        }
+        let matches = command
+            .mut_args(|arg| arg.env(None::<&'static str>))
+            .try_get_matches_from(argv)?;
+        Args::from_arg_matches(&matches)
+    }
+
     /// The server's configuration; `guest_env` is what every guest sees (the process env).
     pub fn into_config(self, guest_env: Vec<(String, String)>) -> Config {
         // v2 mode takes its entrypoint from INTERNAL_RUNTIME_ENTRYPOINT when given.
@@ -71,5 +98,37 @@ impl Args {
             config.memory_limit = mb.max(1) << 20;
         }
         config
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_come_from_the_given_environment_only() {
+        let env: Vec<(String, String)> = [
+            ("OPEN_RUNTIMES_SECRET", "s"),
+            ("OPEN_RUNTIMES_ENTRYPOINT", "main.wasm"),
+            ("OPEN_RUNTIMES_MEMORY", "64"),
+            ("OPEN_RUNTIMES_HEADERS", r#"{"X-A":1}"#),
+            ("HEARTH_WASM_MAX_INSTANCES", "8"),
+            ("UNRELATED", "--not-a-flag"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let config = Args::from_env(&env).unwrap().into_config(env.clone());
+        assert_eq!(config.secret, "s");
+        assert_eq!(config.entrypoint, "main.wasm");
+        assert_eq!(config.memory_limit, 64 << 20);
+        assert_eq!(config.enforced_headers, vec![("x-a".into(), "1".into())]);
+        assert_eq!(config.max_instances, 8);
+        assert_eq!(config.guest_env, env);
+        // Absent variables take the defaults, whatever this process's environment holds.
+        let config = Args::from_env(&[]).unwrap().into_config(Vec::new());
+        assert_eq!(config.secret, "");
+        assert_eq!(config.memory_limit, 512 << 20);
+        assert!(Args::from_env(&[("HEARTH_WASM_MAX_INSTANCES".into(), "x".into())]).is_err());
     }
 }

@@ -138,10 +138,11 @@ impl EngineBuilder {
             inner: Arc::new(Inner {
                 engine,
                 linker,
-                memory_limit: self.memory_limit,
+                max_instances: self.max_instances,
                 epoch_tick: self.epoch_tick,
                 _ticker: ticker,
             }),
+            memory_limit: self.memory_limit,
         })
     }
 }
@@ -150,12 +151,15 @@ impl EngineBuilder {
 #[derive(Clone)]
 pub struct Engine {
     inner: Arc<Inner>,
+    /// Per instance; kept outside `Inner` because the pooled allocator does not depend on it,
+    /// so one prebuilt engine serves any limit (see [`Engine::with_memory_limit`]).
+    memory_limit: usize,
 }
 
 struct Inner {
     engine: wasmtime::Engine,
     linker: Linker<State>,
-    memory_limit: usize,
+    max_instances: u32,
     epoch_tick: Duration,
     _ticker: Ticker,
 }
@@ -167,6 +171,26 @@ pub(crate) struct State {
 }
 
 impl Engine {
+    /// The same engine (shared pool, ticker and linker) with another per-instance memory limit
+    /// for the guests loaded through it. A pool member builds its engine before it knows its
+    /// function's `OPEN_RUNTIMES_MEMORY`; this keeps that work off the specialisation.
+    pub fn with_memory_limit(&self, bytes: usize) -> Engine {
+        Engine {
+            inner: self.inner.clone(),
+            memory_limit: bytes,
+        }
+    }
+
+    /// The memory limit of one instance in bytes.
+    pub fn memory_limit(&self) -> usize {
+        self.memory_limit
+    }
+
+    /// How many instances may live at once (fixed when the engine is built).
+    pub fn max_instances(&self) -> u32 {
+        self.inner.max_instances
+    }
+
     /// Compiles `bytes` (binary or text format) into the artifact [`Engine::load`] accepts.
     pub fn precompile(&self, name: &str, bytes: &[u8]) -> Result<Vec<u8>, Error> {
         self.inner
@@ -332,12 +356,13 @@ impl Guest {
     /// guest failure is an [`Outcome`], never a panic or an error of this call.
     pub fn run(&self, invocation: Invocation) -> Outcome {
         let inner = &self.engine.inner;
+        let memory_limit = self.engine.memory_limit;
         let deadline = invocation.timeout.map(|t| Instant::now() + t);
         let mut args = vec![self.name.clone()];
         args.extend(invocation.args);
         let wasi = WasiCtx::new(args, &invocation.env, invocation.stdin, Deadline(deadline));
         let limits = StoreLimitsBuilder::new()
-            .memory_size(inner.memory_limit)
+            .memory_size(memory_limit)
             .trap_on_grow_failure(true)
             .build();
         let mut store = Store::new(&inner.engine, State { wasi, limits });

@@ -7,7 +7,10 @@
 //!   [`engine::Invocation`] in, one [`engine::Outcome`] out.
 //! - [`wasi`]: the hand-written WASI preview 1 subset the guest links against.
 //! - [`abi`]: the guest ABI on the HTTP side: request → environment + stdin, stdout → response.
-//! - [`server`]: hyper server, v5 and v2 request handling, log files.
+//! - [`server`]: hyper server, v5 and v2 request handling, log files, the pool protocol's
+//!   `POST /__hearth/specialise`.
+//! - [`pool`]: pool mode without HTTP: the pool secret, the specialisation body, unpacking the
+//!   code archive and reading its `.open-runtimes` (`runtimes/pool-protocol.md`).
 //! - [`config`]: the binary's settings (clap, environment) → [`server::Config`].
 //!
 //! # Guest ABI
@@ -45,5 +48,6 @@
 pub mod abi;
 pub mod config;
 pub mod engine;
+pub mod pool;
 pub mod server;
 pub mod wasi;

@@ -5,7 +5,8 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -22,7 +23,9 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::abi::{self, GuestRequest, GuestResponse};
-use crate::engine::{self, EngineBuilder, Guest, Invocation, Outcome, Status};
+use crate::config::Args;
+use crate::engine::{self, Engine, EngineBuilder, Guest, Invocation, Outcome, Status};
+use crate::pool;
 use crate::wasi::Stream;
 
 /// Largest request body (runtime-protocol.md §2.5).
@@ -31,6 +34,13 @@ const NATIVE_NOTICE: &str =
     "Native logs detected. Use context.log() or context.error() for better experience.";
 const UNAUTHORIZED: &str = r#"Unauthorized. Provide correct "x-open-runtimes-secret" header."#;
 const BAD_TIMEOUT: &str = r#"Header "x-open-runtimes-timeout" must be an integer greater than 0."#;
+/// The pool protocol's one route (pool mode only).
+pub const SPECIALISE_PATH: &str = "/__hearth/specialise";
+/// Largest specialisation body: a base64 code archive.
+pub const MAX_SPECIALISE_BODY: usize = 1 << 30;
+const NOT_SPECIALISED: &str = "Runtime is not specialised yet.";
+const BAD_POOL_SECRET: &str = r#"Unauthorized. Provide correct "x-hearth-pool-secret" header."#;
+const ALREADY_SPECIALISED: &str = "Runtime is already specialised (or being specialised).";
 
 /// Everything the server needs, read once by the binary (the library never reads the
 /// environment).
@@ -94,8 +104,18 @@ fn stringify(value: Value) -> String {
     }
 }
 
-/// The loaded function plus the server's settings, shared by every connection.
+/// What every connection shares: the function once it is known, and in pool mode what the
+/// specialisation needs.
 pub struct Service {
+    /// Set at start (fresh mode) or by the one specialisation (pool mode); every request reads
+    /// it once, an atomic load.
+    function: OnceLock<Function>,
+    /// `Some` in pool mode.
+    pool: Option<Pool>,
+}
+
+/// The loaded function plus the settings it was loaded with.
+struct Function {
     config: Config,
     /// The guest, or why it could not be loaded (answered as 503 on every request).
     guest: Result<Guest, String>,
@@ -103,6 +123,18 @@ pub struct Service {
     /// Moving average of recent guest run times (µs): short guests run inline on the async
     /// worker, which saves the hop to a blocking thread; long ones go to the blocking pool.
     recent_run_micros: std::sync::atomic::AtomicU64,
+}
+
+/// A pool member waiting for its function (`runtimes/pool-protocol.md`).
+struct Pool {
+    /// `OPEN_RUNTIMES_POOL_SECRET`, already gone from the process environment.
+    secret: String,
+    /// Taken by the first authenticated specialisation, successful or not: it runs once.
+    claimed: AtomicBool,
+    /// Built at start so that a specialisation only loads the module.
+    engine: Engine,
+    /// The settings of the start; its `guest_env` is the environment the function's goes on.
+    start: Config,
 }
 
 /// Guests that recently ran faster than this run inline; a slow run moves the average up at
@@ -119,6 +151,53 @@ impl Service {
             .memory_limit(config.memory_limit)
             .max_instances(config.max_instances)
             .build()?;
+        let function = Function::load(config, &engine, started);
+        Ok(Arc::new(Self {
+            function: OnceLock::from(function),
+            pool: None,
+        }))
+    }
+
+    /// A pool member (blocking: builds the engine): no function until `POST
+    /// /__hearth/specialise` with `secret` hands it one. `env` is the server's environment
+    /// without the secret (the binary: the process environment); the settings of the start
+    /// (paths, instances) are read from it as [`Args::from_env`] does, and the function's
+    /// environment is laid on top of it.
+    pub fn pool(env: Vec<(String, String)>, secret: String) -> Result<Arc<Self>, Error> {
+        let start = Args::from_env(&env)
+            .map_err(|e| Error::Settings(e.to_string()))?
+            .into_config(env);
+        let engine = EngineBuilder::new()
+            .memory_limit(start.memory_limit)
+            .max_instances(start.max_instances)
+            .build()?;
+        let telemetry = start.timings_file.parent().unwrap_or(&start.function_dir);
+        pool::warm_up(&[&start.function_dir, telemetry]);
+        Ok(Arc::new(Self {
+            function: OnceLock::new(),
+            pool: Some(Pool {
+                secret,
+                claimed: AtomicBool::new(false),
+                engine,
+                start,
+            }),
+        }))
+    }
+}
+
+/// Why a pool member could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Engine(#[from] engine::Error),
+    #[error("invalid settings: {0}")]
+    Settings(String),
+}
+
+impl Function {
+    /// Loads `config`'s entrypoint on `engine` and appends `load=` to the timings (`started`:
+    /// when loading began).
+    fn load(config: Config, engine: &Engine, started: Instant) -> Function {
         let path = config.function_dir.join(&config.entrypoint);
         let guest = if config.entrypoint.is_empty() {
             Err(engine::Error::Missing(String::new()).to_string())
@@ -128,23 +207,30 @@ impl Service {
         if let Err(reason) = &guest {
             tracing::warn!(entrypoint = %config.entrypoint, reason = %reason, "function not loaded");
         }
-        let line = format!("load={:.6}\n", started.elapsed().as_secs_f64());
-        if let Ok(mut file) = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(&config.timings_file)
-        {
-            // Telemetry is best effort: a read-only /mnt/telemetry must not stop the server.
-            let _ = std::io::Write::write_all(&mut file, line.as_bytes());
-        }
+        write_timing(&config.timings_file, "load", started.elapsed(), true);
         let permits = Semaphore::new(config.max_instances.max(1) as usize);
-        Ok(Arc::new(Self {
+        Function {
             config,
             guest,
             permits,
             // A new guest starts on the blocking pool until a few fast runs prove it short.
             recent_run_micros: std::sync::atomic::AtomicU64::new(4 * INLINE_BELOW_MICROS),
-        }))
+        }
+    }
+}
+
+/// Writes `name=<seconds>` to the timings file (appends, or replaces it as start.sh does with
+/// `extract=`). Telemetry is best effort: a read-only /mnt/telemetry must not stop the server.
+fn write_timing(file: &std::path::Path, name: &str, took: Duration, append: bool) {
+    let line = format!("{name}={:.6}\n", took.as_secs_f64());
+    if let Ok(mut file) = std::fs::OpenOptions::new()
+        .write(true)
+        .append(append)
+        .truncate(!append)
+        .create(true)
+        .open(file)
+    {
+        let _ = std::io::Write::write_all(&mut file, line.as_bytes());
     }
 }
 
@@ -212,16 +298,123 @@ async fn handle(service: &Service, req: Request<Incoming>) -> Reply {
     if path == "/__opr/health" {
         return reply(StatusCode::OK, Some("text/plain; charset=utf-8"), "OK");
     }
+    if let Some(pool) = &service.pool {
+        if path == SPECIALISE_PATH {
+            return specialise(service, pool, req).await;
+        }
+    }
+    let Some(function) = service.function.get() else {
+        return json_message(StatusCode::SERVICE_UNAVAILABLE, NOT_SPECIALISED);
+    };
     if path == "/__opr/timings" {
-        let timings = tokio::fs::read(&service.config.timings_file)
+        let timings = tokio::fs::read(&function.config.timings_file)
             .await
             .unwrap_or_default();
         return reply(StatusCode::OK, Some("text/plain; charset=utf-8"), timings);
     }
-    if !service.config.v2_key.is_empty() {
-        return handle_v2(service, req).await;
+    if !function.config.v2_key.is_empty() {
+        return handle_v2(function, req).await;
     }
-    handle_v5(service, req).await
+    handle_v5(function, req).await
+}
+
+fn json_message(status: StatusCode, message: &str) -> Reply {
+    reply(
+        status,
+        Some("application/json"),
+        json!({ "message": message }).to_string(),
+    )
+}
+
+/// `POST /__hearth/specialise` (pool-protocol.md): authenticate, claim the one
+/// specialisation, then unpack and load on a blocking thread.
+async fn specialise(service: &Service, pool: &Pool, req: Request<Incoming>) -> Reply {
+    let given = header(&req, "x-hearth-pool-secret");
+    if !pool::secret_matches(&pool.secret, given) {
+        return json_message(StatusCode::UNAUTHORIZED, BAD_POOL_SECRET);
+    }
+    if req.method() != Method::POST {
+        return json_message(StatusCode::METHOD_NOT_ALLOWED, "Use POST.");
+    }
+    if pool.claimed.swap(true, Ordering::AcqRel) {
+        return json_message(StatusCode::CONFLICT, ALREADY_SPECIALISED);
+    }
+    let started = Instant::now();
+    let body = match Limited::new(req.into_body(), MAX_SPECIALISE_BODY)
+        .collect()
+        .await
+    {
+        Ok(body) => body.to_bytes(),
+        Err(err) => {
+            return json_message(
+                StatusCode::BAD_REQUEST,
+                &format!("Specialisation body could not be read: {err}"),
+            )
+        }
+    };
+    let engine = pool.engine.clone();
+    let start = pool.start.clone();
+    let loaded = tokio::task::spawn_blocking(move || specialised(&engine, start, &body, started));
+    let function = match loaded.await {
+        Ok(Ok(function)) => function,
+        Ok(Err(SpecialiseError::Invalid(message))) => {
+            return json_message(StatusCode::BAD_REQUEST, &message)
+        }
+        Ok(Err(SpecialiseError::Engine(err))) => {
+            tracing::error!(error = %err, "specialisation failed");
+            return json_message(StatusCode::INTERNAL_SERVER_ERROR, &err.to_string());
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "the specialisation's thread failed");
+            return json_message(StatusCode::INTERNAL_SERVER_ERROR, "Specialisation failed.");
+        }
+    };
+    // Cannot be set already: only the request holding the claim gets here.
+    let _ = service.function.set(function);
+    tracing::debug!(micros = started.elapsed().as_micros() as u64, "specialised");
+    reply(
+        StatusCode::OK,
+        Some("application/json"),
+        r#"{"specialised":true}"#,
+    )
+}
+
+enum SpecialiseError {
+    /// The request's fault (400).
+    Invalid(String),
+    Engine(engine::Error),
+}
+
+/// The steps of a fresh start, in process (blocking): unpack into the function directory, lay
+/// the body's env and then the archive's `.open-runtimes` on the start environment, read the
+/// settings from that environment as `main` does, and load the entrypoint.
+fn specialised(
+    engine: &Engine,
+    start: Config,
+    body: &[u8],
+    started: Instant,
+) -> Result<Function, SpecialiseError> {
+    let invalid = |e: pool::Error| SpecialiseError::Invalid(e.to_string());
+    let request = pool::parse(body).map_err(invalid)?;
+    pool::extract(&request.code, &start.function_dir).map_err(invalid)?;
+    let env = abi::merge_env(&[&start.guest_env, &request.env]);
+    let settings = pool::settings(&start.function_dir, &env).map_err(invalid)?;
+    let env = abi::merge_env(&[&env, &settings]);
+    let args = Args::from_env(&env)
+        .map_err(|e| SpecialiseError::Invalid(format!("Invalid settings: {e}")))?;
+    let config = args.into_config(env);
+    write_timing(&config.timings_file, "extract", started.elapsed(), false);
+    let loading = Instant::now();
+    let engine = if config.max_instances == engine.max_instances() {
+        engine.with_memory_limit(config.memory_limit)
+    } else {
+        EngineBuilder::new()
+            .memory_limit(config.memory_limit)
+            .max_instances(config.max_instances)
+            .build()
+            .map_err(SpecialiseError::Engine)?
+    };
+    Ok(Function::load(config, &engine, loading))
 }
 
 /// The log files of one request (absent when logging is disabled).
@@ -284,8 +477,8 @@ fn random_id() -> String {
         .collect()
 }
 
-async fn handle_v5(service: &Service, req: Request<Incoming>) -> Reply {
-    let config = &service.config;
+async fn handle_v5(function: &Function, req: Request<Incoming>) -> Reply {
+    let config = &function.config;
     let enabled = header(&req, "x-open-runtimes-logging")
         .map(|v| !v.eq_ignore_ascii_case("disabled"))
         .unwrap_or(true);
@@ -345,7 +538,7 @@ async fn handle_v5(service: &Service, req: Request<Incoming>) -> Reply {
         }
     };
 
-    let guest = match &service.guest {
+    let guest = match &function.guest {
         Ok(guest) => guest.clone(),
         Err(reason) => {
             logs.errors.push(reason.clone());
@@ -362,7 +555,7 @@ async fn handle_v5(service: &Service, req: Request<Incoming>) -> Reply {
         stdin: body,
         timeout,
     };
-    let Ok(_permit) = service.permits.acquire().await else {
+    let Ok(_permit) = function.permits.acquire().await else {
         return reply(StatusCode::SERVICE_UNAVAILABLE, None, "");
     };
     let dir = config.logs_dir.clone();
@@ -385,8 +578,7 @@ async fn handle_v5(service: &Service, req: Request<Incoming>) -> Reply {
         logs.write(&dir);
         (with_log_id(res, &logs.id), took)
     };
-    use std::sync::atomic::Ordering;
-    let recent = service.recent_run_micros.load(Ordering::Relaxed);
+    let recent = function.recent_run_micros.load(Ordering::Relaxed);
     let (res, took) = if recent < INLINE_BELOW_MICROS {
         finish()
     } else {
@@ -405,13 +597,13 @@ async fn handle_v5(service: &Service, req: Request<Incoming>) -> Reply {
     } else {
         (recent * 3 + took) / 4
     };
-    service.recent_run_micros.store(next, Ordering::Relaxed);
+    function.recent_run_micros.store(next, Ordering::Relaxed);
     res
 }
 
 /// Runs the guest on a blocking thread once a pool slot is free.
-async fn run(service: &Service, guest: Guest, invocation: Invocation) -> Result<Outcome, String> {
-    let _permit = service
+async fn run(function: &Function, guest: Guest, invocation: Invocation) -> Result<Outcome, String> {
+    let _permit = function
         .permits
         .acquire()
         .await
@@ -522,8 +714,8 @@ fn v2_reply(status: StatusCode, body: Value) -> Reply {
     reply(status, Some("application/json"), body.to_string())
 }
 
-async fn handle_v2(service: &Service, req: Request<Incoming>) -> Reply {
-    let config = &service.config;
+async fn handle_v2(function: &Function, req: Request<Incoming>) -> Reply {
+    let config = &function.config;
     if header(&req, "x-internal-challenge") != Some(config.v2_key.as_str()) {
         return v2_reply(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -574,7 +766,7 @@ async fn handle_v2(service: &Service, req: Request<Incoming>) -> Reply {
         None | Some(Value::Null) => String::new(),
         Some(value) => stringify(value.clone()),
     };
-    let guest = match &service.guest {
+    let guest = match &function.guest {
         Ok(guest) => guest.clone(),
         Err(reason) => {
             return v2_reply(
@@ -599,7 +791,7 @@ async fn handle_v2(service: &Service, req: Request<Incoming>) -> Reply {
         stdin: Bytes::from(payload),
         timeout: None,
     };
-    let outcome = match run(service, guest.clone(), invocation).await {
+    let outcome = match run(function, guest.clone(), invocation).await {
         Ok(outcome) => outcome,
         Err(reason) => {
             return v2_reply(StatusCode::INTERNAL_SERVER_ERROR, json!({"stderr": reason}))

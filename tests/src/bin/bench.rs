@@ -15,8 +15,12 @@
 //! Balancer (`--balancer`, on by default): balancer vs nginx vs direct to one warm executor
 //! (`bench/balancer.rs`).
 //!
+//! Pools (`--pools`, on by default): first executions of new functions through the executor with
+//! a warm pool, without one, and the raw Docker start, per image (`bench/pools.rs`), plotted to
+//! `target/bench/cold-starts.png`.
+//!
 //! Usage: `bench [--runtimes node,python] [--duration SECS] [--starts N] [--executor true|false]
-//! [--balancer true|false]`
+//! [--balancer true|false] [--builds true|false] [--pools true|false]`
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -35,6 +39,7 @@ struct Args {
     executor: bool,
     balancer: bool,
     builds: bool,
+    pools: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -45,6 +50,7 @@ fn parse_args() -> Result<Args> {
         executor: true,
         balancer: true,
         builds: true,
+        pools: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -68,6 +74,7 @@ fn parse_args() -> Result<Args> {
             "--executor" => args.executor = value.parse().context("--executor")?,
             "--balancer" => args.balancer = value.parse().context("--balancer")?,
             "--builds" => args.builds = value.parse().context("--builds")?,
+            "--pools" => args.pools = value.parse().context("--pools")?,
             other => bail!("unknown flag {other}"),
         }
     }
@@ -308,6 +315,11 @@ async fn main() -> Result<()> {
     } else {
         None
     };
+    let pools = if args.pools {
+        Some(pools::run(&args, &network.name).await?)
+    } else {
+        None
+    };
     let builds = if args.builds {
         Some(builds::run().await?)
     } else {
@@ -324,15 +336,23 @@ async fn main() -> Result<()> {
             "executor": executor,
             "balancer": balancer,
             "builds": builds,
+            "pools": pools,
         }))?,
     )?;
     println!("JSON: {}", path.display());
+    if args.pools {
+        pools::chart(&path);
+    }
     Ok(())
 }
 
 /// Balancer vs nginx vs direct (a folder cargo does not take for a binary).
 #[path = "bench/balancer.rs"]
 mod balancer;
+
+/// Cold starts with and without warm pools vs raw Docker, per runtime image.
+#[path = "bench/pools.rs"]
+mod pools;
 
 /// The build queue's overhead and a git build vs its command run directly.
 #[path = "bench/builds.rs"]
@@ -345,28 +365,42 @@ mod executor_bench {
     use hearth_tests::docker::Container;
     use hearth_tests::executor::{remove_by_label, TempDir};
 
-    const EXECUTOR_SECRET: &str = "bench-executor-secret";
+    pub(super) const EXECUTOR_SECRET: &str = "bench-executor-secret";
 
     /// The executor container; its runtimes are removed with it.
-    struct ExecutorContainer {
-        container: Container,
-        name: String,
-        url: String,
+    pub(super) struct ExecutorContainer {
+        pub container: Container,
+        pub name: String,
+        pub url: String,
     }
 
     impl Drop for ExecutorContainer {
         fn drop(&mut self) {
-            // The runtimes first; the container guard then removes the executor itself.
+            // The executor first (or its pools would refill behind our back), then its runtimes.
+            let _ = Command::new("docker")
+                .args(["rm", "-f", "-v", &self.container.id])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
             remove_by_label(&format!("hearth.executor={}", self.name));
+            // A pool creation the executor had already sent to Docker may land after that.
+            for _ in 0..4 {
+                std::thread::sleep(Duration::from_millis(500));
+                remove_by_label(&format!("hearth.executor={}", self.name));
+            }
         }
     }
 
-    async fn start_executor(
+    /// The executor image on the bench network; `env` adds or overrides its variables.
+    pub(super) async fn start_executor(
         network: &str,
         storage: &std::path::Path,
         runtimes: &std::path::Path,
+        tag: &str,
+        env: &[(&str, &str)],
     ) -> Result<ExecutorContainer> {
-        let name = format!("hearth-bench-executor-{}", std::process::id());
+        let name = format!("hearth-bench-executor-{tag}-{}", std::process::id());
+        let extra: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let output = Command::new("docker")
             .args(["create", "--label", "hearth.test=1", "--network", network])
             .args(["-v", "/var/run/docker.sock:/var/run/docker.sock"])
@@ -384,6 +418,7 @@ mod executor_bench {
             .args(["-e", "OPR_EXECUTOR_LABELS=hearth.test=1"])
             .args(["-e", "OPR_EXECUTOR_MAX_RUNTIMES=200"])
             .args(["-e", "OPR_EXECUTOR_INACTIVE_THRESHOLD=3600"])
+            .args(extra.iter().flat_map(|e| ["-e", e.as_str()]))
             .arg("hearth/executor:latest")
             .output()
             .context("failed to create the executor container (make executor-image)")?;
@@ -431,7 +466,7 @@ mod executor_bench {
             .map(|us| us * 1000)
     }
 
-    async fn execute(
+    pub(super) async fn execute(
         client: &reqwest::Client,
         url: &str,
         runtime_id: &str,
@@ -464,7 +499,15 @@ mod executor_bench {
         let built =
             runtime::build(&docker, rt.image, &example_dir(&rt), rt.example_entry, "").await?;
         std::fs::write(storage.join("functions/hello.tar.gz"), &built.archive)?;
-        let executor = start_executor(network, &storage, &runtimes).await?;
+        // Pools off: these are the numbers of a container started on the request path.
+        let executor = start_executor(
+            network,
+            &storage,
+            &runtimes,
+            "plain",
+            &[("OPR_EXECUTOR_POOL", "false")],
+        )
+        .await?;
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
             .build()?;

@@ -5,14 +5,22 @@
 //! the checklist names (A: secret + enforced headers + env; B: empty secret, development mode;
 //! plus broken entrypoints and a v2 server), runs every case and prints one line per case.
 //! The test fails if any case fails; no case is skipped.
+//!
+//! Each image runs the suite twice: with fresh runtimes (the archive in `/mnt/code`) and with
+//! pooled ones (`runtimes/pool-protocol.md`: a pool member specialised with the archive and the
+//! env a fresh container would have had; the v2 server stays fresh, v2 is never pooled). The
+//! `pool_protocol_*` tests check the specialise step itself.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use bollard::Docker;
 use hearth_tests::docker::connect;
-use hearth_tests::runtime::{self, fixture_dir, RuntimeImage, Server, ServerOptions};
+use hearth_tests::runtime::{
+    self, fixture_dir, specialise_body, PoolMember, RuntimeImage, Server, ServerOptions,
+};
 use md5::{Digest, Md5};
 use reqwest::{Method, RequestBuilder, Response};
 use serde_json::{json, Value};
@@ -29,17 +37,66 @@ const TIMEOUT_HEADER_MESSAGE: &str =
 
 #[tokio::test]
 async fn conformance_node() -> Result<()> {
-    run_suite(runtime::NODE).await
+    run_suite(runtime::NODE, Mode::Fresh).await
 }
 
 #[tokio::test]
 async fn conformance_python() -> Result<()> {
-    run_suite(runtime::PYTHON).await
+    run_suite(runtime::PYTHON, Mode::Fresh).await
 }
 
 #[tokio::test]
 async fn conformance_wasm() -> Result<()> {
-    run_suite(runtime::WASM).await
+    run_suite(runtime::WASM, Mode::Fresh).await
+}
+
+#[tokio::test]
+async fn conformance_node_pooled() -> Result<()> {
+    run_suite(runtime::NODE, Mode::Pooled).await
+}
+
+#[tokio::test]
+async fn conformance_python_pooled() -> Result<()> {
+    run_suite(runtime::PYTHON, Mode::Pooled).await
+}
+
+#[tokio::test]
+async fn conformance_wasm_pooled() -> Result<()> {
+    run_suite(runtime::WASM, Mode::Pooled).await
+}
+
+#[tokio::test]
+async fn pool_protocol_node() -> Result<()> {
+    pool_protocol(runtime::NODE).await
+}
+
+#[tokio::test]
+async fn pool_protocol_python() -> Result<()> {
+    pool_protocol(runtime::PYTHON).await
+}
+
+/// How the suite's v5 servers get their function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// The archive in `/mnt/code`, the env on the container.
+    Fresh,
+    /// A pool member specialised with the archive and that env.
+    Pooled,
+}
+
+impl Mode {
+    async fn start(
+        self,
+        docker: &Docker,
+        rt: RuntimeImage,
+        archive: &[u8],
+        options: &ServerOptions,
+    ) -> Result<Server> {
+        match self {
+            Self::Fresh => Server::start(docker, rt.image, archive, options).await,
+            Self::Pooled => Server::start_pooled(docker, rt.image, archive, options).await,
+        }
+    }
 }
 
 /// Everything the cases need: the servers of one image and an HTTP client.
@@ -111,10 +168,14 @@ const CASES: &[(&str, Case)] = cases![
     "head request" => head_request,
 ];
 
-async fn run_suite(rt: RuntimeImage) -> Result<()> {
-    let ctx = setup(rt).await?;
+async fn run_suite(rt: RuntimeImage, mode: Mode) -> Result<()> {
+    let ctx = setup(rt, mode).await?;
     let mut failures = Vec::new();
-    let mut lines = vec![format!("conformance {}", rt.image)];
+    let label = match mode {
+        Mode::Fresh => rt.image.to_string(),
+        Mode::Pooled => format!("{} (pooled)", rt.image),
+    };
+    let mut lines = vec![format!("conformance {label}")];
     for (name, case) in CASES {
         let started = Instant::now();
         let outcome = case(&ctx).await;
@@ -128,19 +189,18 @@ async fn run_suite(rt: RuntimeImage) -> Result<()> {
         }
     }
     lines.push(format!(
-        "{}: {} passed, {} failed, 0 skipped",
-        rt.image,
+        "{label}: {} passed, {} failed, 0 skipped",
         CASES.len() - failures.len(),
         failures.len()
     ));
     println!("{}", lines.join("\n"));
     if !failures.is_empty() {
-        bail!("{}: failed cases: {}", rt.image, failures.join(", "));
+        bail!("{label}: failed cases: {}", failures.join(", "));
     }
     Ok(())
 }
 
-async fn setup(rt: RuntimeImage) -> Result<Ctx> {
+async fn setup(rt: RuntimeImage, mode: Mode) -> Result<Ctx> {
     let docker = connect().await?;
     let source = fixture_dir(rt.name);
     let v2_source = fixture_dir(&format!("{}-v2", rt.name));
@@ -179,11 +239,11 @@ async fn setup(rt: RuntimeImage) -> Result<Ctx> {
     let syntax_opts = with_entry(rt.syntax_error);
 
     let (a, b, no_export, missing, syntax, v2) = tokio::try_join!(
-        Server::start(&docker, rt.image, &neutral.archive, &a_opts),
-        Server::start(&docker, rt.image, &neutral.archive, &b_opts),
-        Server::start(&docker, rt.image, &recorded.archive, &no_export_opts),
-        Server::start(&docker, rt.image, &neutral.archive, &missing_opts),
-        Server::start(&docker, rt.image, &neutral.archive, &syntax_opts),
+        mode.start(&docker, rt, &neutral.archive, &a_opts),
+        mode.start(&docker, rt, &neutral.archive, &b_opts),
+        mode.start(&docker, rt, &recorded.archive, &no_export_opts),
+        mode.start(&docker, rt, &neutral.archive, &missing_opts),
+        mode.start(&docker, rt, &neutral.archive, &syntax_opts),
         Server::start(&docker, rt.image, &v2.archive, &v2_opts),
     )
     .context("failed to start the servers")?;
@@ -1109,4 +1169,181 @@ async fn head_request(ctx: &Ctx) -> Result<()> {
         .send()
         .await?;
     expect(res, 200, "").await
+}
+
+// ---- the pool protocol itself ---------------------------------------------------------------
+
+const NOT_SPECIALISED: &str = r#"{"message":"Runtime is not specialised yet."}"#;
+
+/// `runtimes/pool-protocol.md` on one image: what a pool member answers before and after its
+/// function arrives, the refused secrets and bodies, and that a pooled function sees the
+/// environment a fresh one sees, without the pool secret.
+async fn pool_protocol(rt: RuntimeImage) -> Result<()> {
+    let docker = connect().await?;
+    let built = runtime::build(&docker, rt.image, &fixture_dir(rt.name), "", rt.install)
+        .await
+        .context("failed to build the fixture")?;
+    let options = ServerOptions::default()
+        .env("OPEN_RUNTIMES_ENTRYPOINT", rt.entry)
+        .env("OPEN_RUNTIMES_SECRET", SECRET)
+        .env("CUSTOM_ENV_VAR", "customValue");
+    let none = ServerOptions::default();
+    // One member goes through the whole protocol, each other one is refused one body.
+    let (member, bad_json, bad_base64, bad_archive, fresh) = tokio::try_join!(
+        PoolMember::start(&docker, rt.image, &none),
+        PoolMember::start(&docker, rt.image, &none),
+        PoolMember::start(&docker, rt.image, &none),
+        PoolMember::start(&docker, rt.image, &none),
+        Server::start(&docker, rt.image, &built.archive, &options),
+    )
+    .context("failed to start the runtimes")?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let url = member.server.url.clone();
+    let body = specialise_body(&options.env, &built.archive).to_string();
+
+    // Before its function: the health check answers, everything else is 503.
+    let res = client.get(format!("{url}/__opr/health")).send().await?;
+    expect(res, 200, "OK").await.context("health")?;
+    for (method, path) in [
+        (Method::POST, "/"),
+        (Method::GET, "/__opr/timings"),
+        (Method::GET, runtime::SPECIALISE_PATH),
+    ] {
+        let res = client
+            .request(method.clone(), format!("{url}{path}"))
+            .header("x-action", "plaintextResponse")
+            .header("x-open-runtimes-secret", SECRET)
+            .send()
+            .await?;
+        expect(res, 503, NOT_SPECIALISED)
+            .await
+            .with_context(|| format!("{method} {path} before specialisation"))?;
+    }
+
+    // A missing or wrong pool secret changes nothing.
+    for secret in [None, Some(""), Some("wrong")] {
+        let res = member.post(secret, body.clone()).await?;
+        expect_message(res, 401)
+            .await
+            .with_context(|| format!("pool secret {secret:?}"))?;
+    }
+    let started = Instant::now();
+    let res = member.post(Some(&member.secret), body.clone()).await?;
+    let took = started.elapsed();
+    expect(res, 200, r#"{"specialised":true}"#)
+        .await
+        .context("specialise")?;
+    println!(
+        "pool protocol {}: specialised in {took:?} ({} bytes of code)",
+        rt.image,
+        built.archive.len()
+    );
+    let res = member.post(Some(&member.secret), body.clone()).await?;
+    expect_message(res, 409)
+        .await
+        .context("second specialise")?;
+
+    // Now it is the function's runtime.
+    let res = client
+        .post(format!("{url}/"))
+        .header("x-action", "plaintextResponse")
+        .header("x-open-runtimes-secret", SECRET)
+        .send()
+        .await?;
+    expect(res, 200, "Hello World 👋")
+        .await
+        .context("function")?;
+    let timings = client
+        .get(format!("{url}/__opr/timings"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    ensure!(timings.starts_with("extract="), "timings {timings:?}");
+
+    let pooled = process_env(&client, &member.server).await?;
+    let seen = pooled.to_string();
+    ensure!(
+        !seen.contains(&member.secret) && !seen.contains("OPEN_RUNTIMES_POOL_SECRET"),
+        "the pool secret is visible to the function: {}",
+        cut(&seen)
+    );
+    let fresh = process_env(&client, &fresh).await?;
+    let (pooled_env, fresh_env) = (
+        without_hostname(&pooled["env"]),
+        without_hostname(&fresh["env"]),
+    );
+    ensure!(
+        pooled_env == fresh_env,
+        "the function's environment differs: pooled {pooled_env}, fresh {fresh_env}"
+    );
+    // Python: the module search path of the function, venv first.
+    ensure!(
+        pooled["path"] == fresh["path"],
+        "sys.path differs: pooled {}, fresh {}",
+        pooled["path"],
+        fresh["path"]
+    );
+
+    // Refused bodies: 400, and the member is of no use afterwards (the executor removes it).
+    let refused = [
+        (&bad_json, "{not json".to_string(), "bad JSON"),
+        (
+            &bad_base64,
+            json!({"env": {}, "code": "!!! not base64 !!!"}).to_string(),
+            "bad base64",
+        ),
+        (
+            &bad_archive,
+            json!({"env": {}, "code": runtime::base64(b"not a tar archive, just text")})
+                .to_string(),
+            "not an archive",
+        ),
+    ];
+    for (member, bad, what) in refused {
+        let res = member.post(Some(&member.secret), bad).await?;
+        expect_message(res, 400).await.context(what)?;
+        let res = member.post(Some(&member.secret), body.clone()).await?;
+        expect_message(res, 409)
+            .await
+            .with_context(|| format!("specialise after {what}"))?;
+    }
+    Ok(())
+}
+
+/// A JSON reply `{"message": "..."}` with `status`.
+async fn expect_message(res: Response, status: u16) -> Result<()> {
+    let got = res.status().as_u16();
+    let text = res.text().await?;
+    let message = serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|v| v["message"].as_str().map(str::to_string));
+    ensure!(
+        got == status && message.is_some_and(|m| !m.is_empty()),
+        "expected {status} with a JSON message, got {got} {:?}",
+        cut(&text)
+    );
+    Ok(())
+}
+
+/// What the fixture's `processEnv` action reports: its env, /proc/self/environ, a child's env.
+async fn process_env(client: &reqwest::Client, server: &Server) -> Result<Value> {
+    let res = client
+        .post(format!("{}/", server.url))
+        .header("x-action", "processEnv")
+        .header("x-open-runtimes-secret", SECRET)
+        .send()
+        .await?;
+    json_of(res).await.context("processEnv")
+}
+
+/// The env object without `HOSTNAME`, the one variable that differs between containers.
+fn without_hostname(env: &Value) -> Value {
+    let mut env = env.clone();
+    if let Some(map) = env.as_object_mut() {
+        map.remove("HOSTNAME");
+    }
+    env
 }

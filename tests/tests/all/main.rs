@@ -3,3 +3,5 @@ mod builds;
 mod cli;
 mod conformance;
 mod executor;
+mod pools;
+mod swarm;
