@@ -346,6 +346,39 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
+/// How the benchmark starts a runtime of `rt` by itself on `network` (as an executor would).
+fn server_options(rt: RuntimeImage, network: &str) -> ServerOptions {
+    ServerOptions {
+        network: Some(network.to_string()),
+        ..ServerOptions::default()
+    }
+    .env("OPEN_RUNTIMES_SECRET", SECRET)
+    .env("OPEN_RUNTIMES_ENTRYPOINT", rt.example_entry)
+}
+
+/// `starts` raw Docker starts of `rt` with `archive`, no executor: (create + start + first
+/// healthy, create alone), in ms. Each container is removed when measured.
+async fn raw_docker_starts(
+    docker: &bollard::Docker,
+    rt: RuntimeImage,
+    archive: &[u8],
+    network: &str,
+    starts: usize,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let options = server_options(rt, network);
+    let (mut total, mut create) = (Vec::new(), Vec::new());
+    for _ in 0..starts {
+        let started = Instant::now();
+        let container = runtime::prepare(docker, rt.image, archive, &options).await?;
+        create.push(started.elapsed().as_secs_f64() * 1000.0);
+        container.start().await?;
+        let server = Server::attach(container, Some(network)).await?;
+        server.wait_healthy(Duration::from_secs(30)).await?;
+        total.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok((total, create))
+}
+
 /// Balancer vs nginx vs direct (a folder cargo does not take for a binary).
 #[path = "bench/balancer.rs"]
 mod balancer;
@@ -524,23 +557,9 @@ mod executor_bench {
             execute(&client, &executor.url, &format!("cold-{i}"), &params).await?;
             cold.push(started.elapsed().as_secs_f64() * 1000.0);
         }
-        let options = ServerOptions {
-            network: Some(network.to_string()),
-            ..ServerOptions::default()
-        }
-        .env("OPEN_RUNTIMES_SECRET", SECRET)
-        .env("OPEN_RUNTIMES_ENTRYPOINT", rt.example_entry);
-        let mut raw = Vec::new();
-        let mut raw_create = Vec::new();
-        for _ in 0..args.starts {
-            let started = Instant::now();
-            let container = runtime::prepare(&docker, rt.image, &built.archive, &options).await?;
-            raw_create.push(started.elapsed().as_secs_f64() * 1000.0);
-            container.start().await?;
-            let server = Server::attach(container, Some(network)).await?;
-            server.wait_healthy(Duration::from_secs(30)).await?;
-            raw.push(started.elapsed().as_secs_f64() * 1000.0);
-        }
+        let options = server_options(rt, network);
+        let (mut raw, mut raw_create) =
+            raw_docker_starts(&docker, rt, &built.archive, network, args.starts).await?;
         for v in [&mut cold, &mut raw, &mut raw_create] {
             v.sort_by(f64::total_cmp);
         }

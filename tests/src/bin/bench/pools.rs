@@ -115,21 +115,7 @@ async fn bench_image(rt: RuntimeImage, args: &Args, network: &str) -> Result<Val
             fresh.push(started.elapsed().as_secs_f64() * 1000.0);
         }
     }
-    let options = ServerOptions {
-        network: Some(network.to_string()),
-        ..ServerOptions::default()
-    }
-    .env("OPEN_RUNTIMES_SECRET", SECRET)
-    .env("OPEN_RUNTIMES_ENTRYPOINT", rt.example_entry);
-    let mut raw = Vec::new();
-    for _ in 0..args.starts {
-        let started = Instant::now();
-        let container = runtime::prepare(&docker, rt.image, &built.archive, &options).await?;
-        container.start().await?;
-        let server = Server::attach(container, Some(network)).await?;
-        server.wait_healthy(Duration::from_secs(30)).await?;
-        raw.push(started.elapsed().as_secs_f64() * 1000.0);
-    }
+    let (mut raw, _) = raw_docker_starts(&docker, rt, &built.archive, network, args.starts).await?;
     let (pool, no_pool, docker_raw) =
         (summary(&mut pooled), summary(&mut fresh), summary(&mut raw));
     let ratio = no_pool["p50_ms"].as_f64().unwrap_or(f64::NAN)
