@@ -520,18 +520,44 @@ mod executor_bench {
         Ok(body)
     }
 
-    pub async fn run(args: &Args, network: &str) -> Result<Value> {
-        let rt = runtime::NODE;
-        let docker = connect().await?;
+    /// An executor's folders with `rt`'s example, built once with the image's build step, staged
+    /// as the storage archive `/storage/functions/hello.tar.gz`.
+    pub(super) struct Staged {
+        pub storage: std::path::PathBuf,
+        pub runtimes: std::path::PathBuf,
+        pub built: runtime::Built,
+        pub _dir: TempDir,
+    }
+
+    pub(super) async fn stage_example(
+        docker: &bollard::Docker,
+        rt: RuntimeImage,
+    ) -> Result<Staged> {
         let dir = TempDir::new("hearth-bench")?;
         let storage = dir.0.join("storage");
         let runtimes = dir.0.join("runtimes");
         std::fs::create_dir_all(storage.join("functions"))?;
         std::fs::create_dir_all(&runtimes)?;
-        // The example, built once with the image's build step, staged as a storage archive.
         let built =
-            runtime::build(&docker, rt.image, &example_dir(&rt), rt.example_entry, "").await?;
+            runtime::build(docker, rt.image, &example_dir(&rt), rt.example_entry, "").await?;
         std::fs::write(storage.join("functions/hello.tar.gz"), &built.archive)?;
+        Ok(Staged {
+            storage,
+            runtimes,
+            built,
+            _dir: dir,
+        })
+    }
+
+    pub async fn run(args: &Args, network: &str) -> Result<Value> {
+        let rt = runtime::NODE;
+        let docker = connect().await?;
+        let Staged {
+            storage,
+            runtimes,
+            built,
+            _dir,
+        } = stage_example(&docker, rt).await?;
         // Pools off: these are the numbers of a container started on the request path.
         let executor = start_executor(
             network,

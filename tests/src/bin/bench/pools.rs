@@ -9,9 +9,10 @@
 //!
 //! The samples go into the JSON; [`chart`] plots them with `tests/bench/plot_cold_starts.py`.
 
-use super::executor_bench::{execute, start_executor, ExecutorContainer, EXECUTOR_SECRET};
+use super::executor_bench::{
+    execute, stage_example, start_executor, ExecutorContainer, Staged, EXECUTOR_SECRET,
+};
 use super::*;
-use hearth_tests::executor::TempDir;
 
 /// Pool members kept ready during the pooled samples.
 const POOL_MIN: &str = "2";
@@ -62,13 +63,12 @@ fn summary(samples: &mut [f64]) -> Value {
 
 async fn bench_image(rt: RuntimeImage, args: &Args, network: &str) -> Result<Value> {
     let docker = connect().await?;
-    let dir = TempDir::new("hearth-bench-pools")?;
-    let storage = dir.0.join("storage");
-    let runtimes = dir.0.join("runtimes");
-    std::fs::create_dir_all(storage.join("functions"))?;
-    std::fs::create_dir_all(&runtimes)?;
-    let built = runtime::build(&docker, rt.image, &example_dir(&rt), rt.example_entry, "").await?;
-    std::fs::write(storage.join("functions/hello.tar.gz"), &built.archive)?;
+    let Staged {
+        storage,
+        runtimes,
+        built,
+        _dir,
+    } = stage_example(&docker, rt).await?;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()?;
