@@ -268,8 +268,25 @@ impl Drop for TestExecutor {
     }
 }
 
-/// Removes every container carrying `label` (`key=value`).
+/// Removes every container and Swarm service carrying `label` (`key=value`).
 pub fn remove_by_label(label: &str) {
+    // Swarm runtimes are services (outside a swarm this lists nothing).
+    let services = std::process::Command::new("docker")
+        .args(["service", "ls", "-q", "--filter", &format!("label={label}")])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default();
+    let services: Vec<&str> = services.lines().collect();
+    if !services.is_empty() {
+        let _ = std::process::Command::new("docker")
+            .args(["service", "rm"])
+            .args(&services)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
     let ids = std::process::Command::new("docker")
         .args(["ps", "-aq", "--filter", &format!("label={label}")])
         .output()
