@@ -21,13 +21,15 @@
 //! [`Adapter::stop`] and [`Adapter::remove`] remove the service (a service cannot be stopped
 //! and kept); `list`/`inspect` map services into [`RuntimeInfo`], running when a task runs.
 //!
-//! **Operations Swarm cannot do across nodes.** The Swarm API has no exec into a task, no file
-//! copy into or out of one and no host folder shared with it. Those operations
-//! ([`Adapter::exec`], [`Adapter::put_file`], [`Adapter::read_file`], used by builds, the
-//! commands route and per-request logs) go to the task's container on the local engine through
-//! [`DockerAdapter`]. To make that always possible, every runtime is placed on the executor's
-//! own node (constraint `node.id==<this engine's node id>`, read from the engine's info at
-//! connect), and an executor must run on a manager node (it creates services). A task found on
+//! **Operations Swarm cannot do across nodes.** The Swarm API has no exec into a task and no file
+//! copy into or out of one. Those operations ([`Adapter::exec`], [`Adapter::put_file`],
+//! [`Adapter::read_file`], used by builds and the commands route) go to the task's container on
+//! the local engine through [`DockerAdapter`]. To make that always possible, every runtime is
+//! placed on the executor's own node (constraint `node.id==<this engine's node id>`, read from
+//! the engine's info at connect), and an executor must run on a manager node (it creates
+//! services). Being on the executor's node also makes a host folder shareable: the runtime's
+//! log folder ([`RuntimeSpec::logs_dir`]) is a bind mount, as under the Docker adapter, so
+//! per-request logs are read from the executor's disk and not copied out of the task. A task found on
 //! another node (the constraint was changed behind the executor's back) is refused with a
 //! [`Error::Backend`] that says so. Executors scale out as more replicas on more nodes, each
 //! holding the runtimes of its own node; storage must then be shared (S3).
@@ -37,10 +39,11 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bollard::models::{
-    EndpointSpec, EndpointSpecModeEnum, Limit, LocalNodeState, NetworkAttachmentConfig,
-    NetworkCreateRequest, ResourceObject, Service, ServiceSpec, ServiceSpecMode,
-    ServiceSpecModeReplicated, Task, TaskSpec, TaskSpecContainerSpec, TaskSpecPlacement,
-    TaskSpecResources, TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum, TaskState,
+    EndpointSpec, EndpointSpecModeEnum, Limit, LocalNodeState, Mount, MountType,
+    NetworkAttachmentConfig, NetworkCreateRequest, ResourceObject, Service, ServiceSpec,
+    ServiceSpecMode, ServiceSpecModeReplicated, Task, TaskSpec, TaskSpecContainerSpec,
+    TaskSpecPlacement, TaskSpecResources, TaskSpecRestartPolicy,
+    TaskSpecRestartPolicyConditionEnum, TaskState,
 };
 use bollard::query_parameters::{ListServicesOptionsBuilder, ListTasksOptionsBuilder};
 use bollard::Docker;
@@ -49,7 +52,8 @@ use futures_util::stream::BoxStream;
 use tokio::sync::Mutex;
 
 use crate::docker::{
-    call, parse_rfc3339, port_label, Addressing, DockerAdapter, DockerOptions, PORT_LABEL,
+    call, parse_rfc3339, port_label, Addressing, DockerAdapter, DockerOptions, LOGS_MOUNT,
+    PORT_LABEL,
 };
 use crate::{
     Adapter, Endpoint, Error, ExecExit, OutputSink, RestartPolicy, Result, RuntimeInfo, RuntimeSpec,
@@ -301,6 +305,16 @@ impl SwarmAdapter {
 #[async_trait]
 impl Adapter for SwarmAdapter {
     async fn create(&self, spec: &RuntimeSpec) -> Result<String> {
+        if let Some(dir) = &spec.logs_dir {
+            // A relative source would be refused by Swarm with a less helpful message.
+            if !dir.is_absolute() {
+                return Err(Error::Backend(format!(
+                    "failed to create service {}: logs folder {} is not an absolute path",
+                    spec.name,
+                    dir.display()
+                )));
+            }
+        }
         let image = self.local_image_id(spec).await?;
         let service = service_spec(spec, &image, &self.node_id, self.options.reservation);
         let created = self
@@ -455,7 +469,8 @@ impl Adapter for SwarmAdapter {
     }
 
     fn shares_host_folders(&self) -> bool {
-        false
+        // Every runtime runs on this executor's node (see the module's documentation).
+        true
     }
 
     fn places_files_before_start(&self) -> bool {
@@ -550,6 +565,15 @@ fn service_spec(spec: &RuntimeSpec, image: &str, node_id: &str, reservation: f64
                 args: spec.cmd.clone(),
                 env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
                 dir: spec.working_dir.clone(),
+                mounts: spec.logs_dir.as_ref().map(|dir| {
+                    vec![Mount {
+                        target: Some(LOGS_MOUNT.to_string()),
+                        source: Some(dir.display().to_string()),
+                        typ: Some(MountType::BIND),
+                        read_only: Some(false),
+                        ..Mount::default()
+                    }]
+                }),
                 stop_grace_period: Some(nanos(REMOVE_GRACE)),
                 ..TaskSpecContainerSpec::default()
             }),
@@ -645,7 +669,11 @@ mod tests {
             Some(vec!["tail".into(), "-f".into(), "/dev/null".into()])
         );
         assert_eq!(container.env, Some(vec!["OPEN_RUNTIMES_SECRET=s".into()]));
-        assert!(container.mounts.is_none(), "no host folder under Swarm");
+        let mounts = container.mounts.unwrap();
+        assert_eq!(mounts.len(), 1, "the logs folder only");
+        assert_eq!(mounts[0].source.as_deref(), Some("/tmp/logs"));
+        assert_eq!(mounts[0].target.as_deref(), Some("/mnt/logs"));
+        assert_eq!(mounts[0].typ, Some(MountType::BIND));
         assert_eq!(
             task.placement.unwrap().constraints,
             Some(vec!["node.id==node1".into()])

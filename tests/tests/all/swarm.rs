@@ -120,9 +120,13 @@ async fn swarm_adapter_runs_runtimes_as_services() -> Result<()> {
         "not an attachable overlay network"
     );
 
+    // The log folder: a host folder bound into the task (it runs on this node).
+    let logs_dir = std::env::temp_dir().join(format!("hearth-test-logs-{unique}"));
+    std::fs::create_dir_all(&logs_dir)?;
     let spec = RuntimeSpec {
         name: name.clone(),
         image: "hearth/base:bookworm".into(),
+        logs_dir: Some(logs_dir.clone()),
         cmd: Some(vec!["tail".into(), "-f".into(), "/dev/null".into()]),
         env: vec![("GREETING".into(), "hi".into())],
         labels: HashMap::from([
@@ -154,7 +158,7 @@ async fn swarm_adapter_runs_runtimes_as_services() -> Result<()> {
     let cmd: Vec<String> = [
         "bash",
         "-c",
-        "cat /tmp/hello.txt; echo \" $GREETING\"; exit 3",
+        "cat /tmp/hello.txt; echo \" $GREETING\"; echo logged > /mnt/logs/x_logs.log; exit 3",
     ]
     .map(String::from)
     .to_vec();
@@ -165,6 +169,11 @@ async fn swarm_adapter_runs_runtimes_as_services() -> Result<()> {
     ensure!(
         exit.exit_code == 3 && text == "hello swarm hi\n",
         "{exit:?} {text:?}"
+    );
+    let logged = std::fs::read_to_string(logs_dir.join("x_logs.log"));
+    ensure!(
+        logged.as_deref().ok() == Some("logged\n"),
+        "the task's /mnt/logs is the host's log folder: {logged:?}"
     );
     let mut stream = adapter.read_file(&id, "/tmp/hello.txt").await?;
     let mut read = Vec::new();
@@ -216,6 +225,8 @@ async fn swarm_adapter_runs_runtimes_as_services() -> Result<()> {
     );
 
     adapter.remove(&id).await?;
+    // Only now: the engine's archive calls fail on a task whose bind source is gone.
+    let _ = std::fs::remove_dir_all(&logs_dir);
     ensure!(
         matches!(adapter.remove(&id).await, Err(Error::NotFound(_))),
         "removed twice"
@@ -230,6 +241,7 @@ async fn swarm_adapter_runs_runtimes_as_services() -> Result<()> {
     let unstartable = RuntimeSpec {
         name: format!("{name}-bad"),
         cmd: Some(vec!["/no/such/program".into()]),
+        logs_dir: None,
         ..spec.clone()
     };
     let bad = adapter.create(&unstartable).await?;
@@ -244,6 +256,7 @@ async fn swarm_adapter_runs_runtimes_as_services() -> Result<()> {
     let exiting = RuntimeSpec {
         name: format!("{name}-exits"),
         cmd: Some(vec!["bash".into(), "-c".into(), "exit 7".into()]),
+        logs_dir: None,
         ..spec.clone()
     };
     let exits = adapter.create(&exiting).await?;
