@@ -19,8 +19,12 @@
 //! a warm pool, without one, and the raw Docker start, per image (`bench/pools.rs`), plotted to
 //! `target/bench/cold-starts.png`.
 //!
+//! Swarm (`--swarm`, on by default): cold starts (with and without a pool) and warm overhead of
+//! the Node hello under the Swarm adapter next to the Docker adapter (`bench/swarm.rs`); the
+//! engine is made a single-node swarm for it if it is in none.
+//!
 //! Usage: `bench [--runtimes node,python] [--duration SECS] [--starts N] [--executor true|false]
-//! [--balancer true|false] [--builds true|false] [--pools true|false]`
+//! [--balancer true|false] [--builds true|false] [--pools true|false] [--swarm true|false]`
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -40,6 +44,7 @@ struct Args {
     balancer: bool,
     builds: bool,
     pools: bool,
+    swarm: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -51,6 +56,7 @@ fn parse_args() -> Result<Args> {
         balancer: true,
         builds: true,
         pools: true,
+        swarm: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -75,6 +81,7 @@ fn parse_args() -> Result<Args> {
             "--balancer" => args.balancer = value.parse().context("--balancer")?,
             "--builds" => args.builds = value.parse().context("--builds")?,
             "--pools" => args.pools = value.parse().context("--pools")?,
+            "--swarm" => args.swarm = value.parse().context("--swarm")?,
             other => bail!("unknown flag {other}"),
         }
     }
@@ -320,6 +327,11 @@ async fn main() -> Result<()> {
     } else {
         None
     };
+    let swarm = if args.swarm {
+        Some(swarm::run(&args, &network.name).await?)
+    } else {
+        None
+    };
     let builds = if args.builds {
         Some(builds::run().await?)
     } else {
@@ -337,6 +349,7 @@ async fn main() -> Result<()> {
             "balancer": balancer,
             "builds": builds,
             "pools": pools,
+            "swarm": swarm,
         }))?,
     )?;
     println!("JSON: {}", path.display());
@@ -387,6 +400,10 @@ mod balancer;
 #[path = "bench/pools.rs"]
 mod pools;
 
+/// The Swarm adapter next to the Docker adapter: cold starts and warm overhead.
+#[path = "bench/swarm.rs"]
+mod swarm;
+
 /// The build queue's overhead and a git build vs its command run directly.
 #[path = "bench/builds.rs"]
 mod builds;
@@ -432,6 +449,19 @@ mod executor_bench {
         tag: &str,
         env: &[(&str, &str)],
     ) -> Result<ExecutorContainer> {
+        start_executor_for(network, network, storage, runtimes, tag, env).await
+    }
+
+    /// [`start_executor`] with its runtimes on `runtimes_network` (e.g. a Swarm overlay network),
+    /// which the executor joins besides the bench network the client reaches it on.
+    pub(super) async fn start_executor_for(
+        network: &str,
+        runtimes_network: &str,
+        storage: &std::path::Path,
+        runtimes: &std::path::Path,
+        tag: &str,
+        env: &[(&str, &str)],
+    ) -> Result<ExecutorContainer> {
         let name = format!("hearth-bench-executor-{tag}-{}", std::process::id());
         let extra: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let output = Command::new("docker")
@@ -442,7 +472,7 @@ mod executor_bench {
             .arg("-v")
             .arg(format!("{0}:{0}", runtimes.display()))
             .args(["-e", &format!("OPR_EXECUTOR_SECRET={EXECUTOR_SECRET}")])
-            .args(["-e", &format!("OPR_EXECUTOR_NETWORK={network}")])
+            .args(["-e", &format!("OPR_EXECUTOR_NETWORK={runtimes_network}")])
             .args(["-e", &format!("OPR_EXECUTOR_NAME={name}")])
             .args([
                 "-e",
@@ -465,6 +495,27 @@ mod executor_bench {
         let docker = connect().await?;
         let container = Container { docker, id };
         container.start().await?;
+        // Joined once running, and retried: right after the last task on an attachable overlay
+        // network went (the previous executor's services), the engine tears the network's local
+        // state down and an attach fails for a moment with "network ... not found".
+        if runtimes_network != network {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let joined = Command::new("docker")
+                    .args(["network", "connect", runtimes_network, &container.id])
+                    .output()?;
+                if joined.status.success() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "docker network connect {runtimes_network} failed: {}",
+                        String::from_utf8_lossy(&joined.stderr)
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
         let ip = container.ip_on(network).await?;
         let url = format!("http://{ip}:80");
         let client = reqwest::Client::new();

@@ -15,11 +15,11 @@ use super::executor_bench::{
 use super::*;
 
 /// Pool members kept ready during the pooled samples.
-const POOL_MIN: &str = "2";
+pub(super) const POOL_MIN: &str = "2";
 
 /// Waits until the executor's pool for `image` has a ready member and nothing being created,
 /// so a sample measures a take + specialise and not a refill competing with it.
-async fn wait_pool_settled(
+pub(super) async fn wait_pool_settled(
     client: &reqwest::Client,
     executor: &ExecutorContainer,
     image: &str,
