@@ -41,6 +41,22 @@ use crate::{
 pub const PORT_LABEL: &str = "hearth.port";
 /// Where [`RuntimeSpec::logs_dir`] is mounted inside a runtime.
 pub const LOGS_MOUNT: &str = "/mnt/logs";
+/// `spec`'s logs folder, refused when relative: Docker would take a relative "path" for a named
+/// volume, Swarm refuses it less helpfully. `kind` names what is being created.
+pub(crate) fn absolute_logs_dir<'a>(
+    spec: &'a RuntimeSpec,
+    kind: &str,
+) -> Result<Option<&'a std::path::Path>> {
+    match &spec.logs_dir {
+        Some(dir) if !dir.is_absolute() => Err(Error::Backend(format!(
+            "failed to create {kind} {}: logs folder {} is not an absolute path",
+            spec.name,
+            dir.display()
+        ))),
+        dir => Ok(dir.as_deref()),
+    }
+}
+
 /// The host address published ports are bound to in [`Addressing::Published`].
 const LOOPBACK: &str = "127.0.0.1";
 /// bollard's client-wide limit, made irrelevant by the per-call limits.
@@ -172,15 +188,7 @@ impl DockerAdapter {
         if spec.pids_limit > 0 {
             host.pids_limit = Some(spec.pids_limit);
         }
-        if let Some(dir) = &spec.logs_dir {
-            // A relative "path" would silently become a named volume.
-            if !dir.is_absolute() {
-                return Err(Error::Backend(format!(
-                    "failed to create container {}: logs folder {} is not an absolute path",
-                    spec.name,
-                    dir.display()
-                )));
-            }
+        if let Some(dir) = absolute_logs_dir(spec, "container")? {
             host.binds = Some(vec![format!("{}:{LOGS_MOUNT}:rw", dir.display())]);
         }
         if self.options.addressing == Addressing::Published {

@@ -52,8 +52,8 @@ use futures_util::stream::BoxStream;
 use tokio::sync::Mutex;
 
 use crate::docker::{
-    call, parse_rfc3339, port_label, Addressing, DockerAdapter, DockerOptions, LOGS_MOUNT,
-    PORT_LABEL,
+    absolute_logs_dir, call, parse_rfc3339, port_label, Addressing, DockerAdapter, DockerOptions,
+    LOGS_MOUNT, PORT_LABEL,
 };
 use crate::{
     Adapter, Endpoint, Error, ExecExit, OutputSink, RestartPolicy, Result, RuntimeInfo, RuntimeSpec,
@@ -305,16 +305,7 @@ impl SwarmAdapter {
 #[async_trait]
 impl Adapter for SwarmAdapter {
     async fn create(&self, spec: &RuntimeSpec) -> Result<String> {
-        if let Some(dir) = &spec.logs_dir {
-            // A relative source would be refused by Swarm with a less helpful message.
-            if !dir.is_absolute() {
-                return Err(Error::Backend(format!(
-                    "failed to create service {}: logs folder {} is not an absolute path",
-                    spec.name,
-                    dir.display()
-                )));
-            }
-        }
+        absolute_logs_dir(spec, "service")?;
         let image = self.local_image_id(spec).await?;
         let service = service_spec(spec, &image, &self.node_id, self.options.reservation);
         let created = self

@@ -106,6 +106,17 @@ fn runtime_lua() -> String {
     )
 }
 
+/// wrk settings that post an execution (path `/`) to the executor API with `secret`.
+fn execution_lua(secret: &str) -> String {
+    format!(
+        "wrk.method = \"POST\"\n\
+         wrk.headers[\"authorization\"] = \"Bearer {secret}\"\n\
+         wrk.headers[\"accept\"] = \"application/json\"\n\
+         wrk.headers[\"content-type\"] = \"application/json\"\n\
+         wrk.body = '{{\"path\":\"/\"}}'\n"
+    )
+}
+
 fn wrk(url: &str, connections: u32, duration: u64) -> Result<Load> {
     wrk_with(url, connections, duration, &runtime_lua())
 }
@@ -571,6 +582,27 @@ mod executor_bench {
         Ok(body)
     }
 
+    /// [`execute`], timed end to end by the client: the milliseconds it took.
+    pub(super) async fn execute_ms(
+        client: &reqwest::Client,
+        url: &str,
+        runtime_id: &str,
+        params: &Value,
+    ) -> Result<f64> {
+        let started = Instant::now();
+        execute(client, url, runtime_id, params).await?;
+        Ok(started.elapsed().as_secs_f64() * 1000.0)
+    }
+
+    /// The execution parameters of the example [`stage_example`] staged for `rt`.
+    pub(super) fn example_params(rt: RuntimeImage) -> Value {
+        json!({
+            "image": rt.image,
+            "source": "/storage/functions/hello.tar.gz",
+            "entrypoint": rt.example_entry,
+        })
+    }
+
     /// An executor's folders with `rt`'s example, built once with the image's build step, staged
     /// as the storage archive `/storage/functions/hello.tar.gz`.
     pub(super) struct Staged {
@@ -621,18 +653,12 @@ mod executor_bench {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
             .build()?;
-        let params = json!({
-            "image": rt.image,
-            "source": "/storage/functions/hello.tar.gz",
-            "entrypoint": rt.example_entry,
-        });
+        let params = example_params(rt);
 
         // Cold starts through the executor (a new runtime each) vs raw Docker for the same image.
         let mut cold = Vec::new();
         for i in 0..args.starts {
-            let started = Instant::now();
-            execute(&client, &executor.url, &format!("cold-{i}"), &params).await?;
-            cold.push(started.elapsed().as_secs_f64() * 1000.0);
+            cold.push(execute_ms(&client, &executor.url, &format!("cold-{i}"), &params).await?);
         }
         let options = server_options(rt, network);
         let (mut raw, mut raw_create) =
@@ -645,13 +671,7 @@ mod executor_bench {
         execute(&client, &executor.url, "warm", &params).await?;
         let direct_server = Server::start(&docker, rt.image, &built.archive, &options).await?;
         let direct_url = format!("{}/", direct_server.url);
-        let lua = format!(
-            "wrk.method = \"POST\"\n\
-             wrk.headers[\"authorization\"] = \"Bearer {EXECUTOR_SECRET}\"\n\
-             wrk.headers[\"accept\"] = \"application/json\"\n\
-             wrk.headers[\"content-type\"] = \"application/json\"\n\
-             wrk.body = '{{\"path\":\"/\"}}'\n"
-        );
+        let lua = execution_lua(EXECUTOR_SECRET);
         let through_url = format!("{}/v1/runtimes/warm/executions", executor.url);
         wrk_with(&through_url, 4, 1, &lua)?;
         wrk(&direct_url, 4, 1)?;

@@ -141,13 +141,7 @@ pub async fn run(args: &Args) -> Result<Value> {
     wait_up(&balancer_url).await?;
     wait_up(&nginx_url).await?;
 
-    let lua = format!(
-        "wrk.method = \"POST\"\n\
-         wrk.headers[\"authorization\"] = \"Bearer {EXECUTOR_SECRET}\"\n\
-         wrk.headers[\"accept\"] = \"application/json\"\n\
-         wrk.headers[\"content-type\"] = \"application/json\"\n\
-         wrk.body = '{{\"path\":\"/\"}}'\n"
-    );
+    let lua = execution_lua(EXECUTOR_SECRET);
     let path = "/v1/runtimes/warm/executions";
     let paths = [
         ("direct", format!("{}{path}", executor.url)),

@@ -10,7 +10,8 @@
 //! The samples go into the JSON; [`chart`] plots them with `tests/bench/plot_cold_starts.py`.
 
 use super::executor_bench::{
-    execute, stage_example, start_executor, ExecutorContainer, Staged, EXECUTOR_SECRET,
+    example_params, execute_ms, stage_example, start_executor, ExecutorContainer, Staged,
+    EXECUTOR_SECRET,
 };
 use super::*;
 
@@ -72,11 +73,7 @@ async fn bench_image(rt: RuntimeImage, args: &Args, network: &str) -> Result<Val
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()?;
-    let params = json!({
-        "image": rt.image,
-        "source": "/storage/functions/hello.tar.gz",
-        "entrypoint": rt.example_entry,
-    });
+    let params = example_params(rt);
 
     let mut pooled = Vec::new();
     {
@@ -94,9 +91,7 @@ async fn bench_image(rt: RuntimeImage, args: &Args, network: &str) -> Result<Val
         .await?;
         for i in 0..args.starts {
             wait_pool_settled(&client, &executor, rt.image).await?;
-            let started = Instant::now();
-            execute(&client, &executor.url, &format!("pooled-{i}"), &params).await?;
-            pooled.push(started.elapsed().as_secs_f64() * 1000.0);
+            pooled.push(execute_ms(&client, &executor.url, &format!("pooled-{i}"), &params).await?);
         }
     }
     let mut fresh = Vec::new();
@@ -110,9 +105,7 @@ async fn bench_image(rt: RuntimeImage, args: &Args, network: &str) -> Result<Val
         )
         .await?;
         for i in 0..args.starts {
-            let started = Instant::now();
-            execute(&client, &executor.url, &format!("fresh-{i}"), &params).await?;
-            fresh.push(started.elapsed().as_secs_f64() * 1000.0);
+            fresh.push(execute_ms(&client, &executor.url, &format!("fresh-{i}"), &params).await?);
         }
     }
     let (mut raw, _) = raw_docker_starts(&docker, rt, &built.archive, network, args.starts).await?;

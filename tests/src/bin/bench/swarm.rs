@@ -13,67 +13,44 @@
 //! The engine is made a single-node swarm if it is in none, and left again at the end.
 
 use super::executor_bench::{
-    execute, stage_example, start_executor_for, ExecutorContainer, Staged, EXECUTOR_SECRET,
+    example_params, execute_ms, stage_example, start_executor_for, ExecutorContainer, Staged,
+    EXECUTOR_SECRET,
 };
 use super::*;
+use hearth_tests::swarm::{docker, Cleanup};
 
-/// Leaves the swarm at the end when the bench made the engine one; removes the bench's network.
+/// Removes the bench's network (once the services' tasks are down), then leaves the swarm when
+/// the bench made the engine one.
 struct SwarmGuard {
     network: String,
+    cleanup: Option<Cleanup>,
     joined: bool,
 }
 
 impl Drop for SwarmGuard {
     fn drop(&mut self) {
-        // The network goes once the services' tasks are down.
-        for _ in 0..60 {
-            let gone = Command::new("docker")
-                .args(["network", "rm", &self.network])
-                .output()
-                .map(|o| o.status.success())
-                .unwrap_or(false);
-            let missing = !Command::new("docker")
-                .args(["network", "inspect", &self.network])
-                .output()
-                .map(|o| o.status.success())
-                .unwrap_or(false);
-            if gone || missing {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
+        drop(self.cleanup.take());
         if self.joined {
-            let _ = Command::new("docker")
-                .args(["swarm", "leave", "--force"])
-                .output();
+            let _ = docker(&["swarm", "leave", "--force"]);
         }
     }
-}
-
-fn docker_cli(args: &[&str]) -> Result<String> {
-    let output = Command::new("docker").args(args).output()?;
-    if !output.status.success() {
-        bail!(
-            "docker {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
 }
 
 fn setup() -> Result<SwarmGuard> {
-    let state = docker_cli(&["info", "--format", "{{.Swarm.LocalNodeState}}"])?;
+    let state = docker(&["info", "--format", "{{.Swarm.LocalNodeState}}"])?;
     let joined = state != "active";
     if joined {
-        docker_cli(&["swarm", "init", "--advertise-addr", "127.0.0.1"])?;
+        docker(&["swarm", "init", "--advertise-addr", "127.0.0.1"])?;
     }
     let network = format!("hearth-bench-swarm-{}", std::process::id());
+    let mut cleanup = Cleanup::default();
+    cleanup.networks.push(network.clone());
     let guard = SwarmGuard {
         network: network.clone(),
+        cleanup: Some(cleanup),
         joined,
     };
-    docker_cli(&[
+    docker(&[
         "network",
         "create",
         "--driver",
@@ -99,11 +76,7 @@ async fn bench_adapter(
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(120))
         .build()?;
-    let params = json!({
-        "image": rt.image,
-        "source": "/storage/functions/hello.tar.gz",
-        "entrypoint": rt.example_entry,
-    });
+    let params = example_params(rt);
     let start = |tag: String, pool: bool| {
         let pool_env: Vec<(&str, &str)> = if pool {
             vec![
@@ -133,23 +106,10 @@ async fn bench_adapter(
     let executor: ExecutorContainer = start(format!("{adapter}-fresh"), false).await?;
     let mut cold = Vec::new();
     for i in 0..args.starts {
-        let started = Instant::now();
-        execute(
-            &client,
-            &executor.url,
-            &format!("{adapter}-cold-{i}"),
-            &params,
-        )
-        .await?;
-        cold.push(started.elapsed().as_secs_f64() * 1000.0);
+        let id = format!("{adapter}-cold-{i}");
+        cold.push(execute_ms(&client, &executor.url, &id, &params).await?);
     }
-    let lua = format!(
-        "wrk.method = \"POST\"\n\
-         wrk.headers[\"authorization\"] = \"Bearer {EXECUTOR_SECRET}\"\n\
-         wrk.headers[\"accept\"] = \"application/json\"\n\
-         wrk.headers[\"content-type\"] = \"application/json\"\n\
-         wrk.body = '{{\"path\":\"/\"}}'\n"
-    );
+    let lua = execution_lua(EXECUTOR_SECRET);
     let through_url = format!(
         "{}/v1/runtimes/{adapter}-cold-{}/executions",
         executor.url,
@@ -167,15 +127,8 @@ async fn bench_adapter(
     let mut pooled = Vec::new();
     for i in 0..args.starts {
         super::pools::wait_pool_settled(&client, &executor, rt.image).await?;
-        let started = Instant::now();
-        execute(
-            &client,
-            &executor.url,
-            &format!("{adapter}-pooled-{i}"),
-            &params,
-        )
-        .await?;
-        pooled.push(started.elapsed().as_secs_f64() * 1000.0);
+        let id = format!("{adapter}-pooled-{i}");
+        pooled.push(execute_ms(&client, &executor.url, &id, &params).await?);
     }
     drop(executor);
 
