@@ -152,9 +152,10 @@ lint:
 
 # The Swarm tests run last and on their own: they take 127.0.0.1:8080/8081, `.env`, `data/` and
 # the engine's swarm state (`make swarm-up` builds the service images itself).
+# A failing test's error comes first, without an error backtrace burying it (panics keep theirs).
 test: images lint
-	$(CARGO) test --workspace -- --nocapture --skip swarm_
-	$(CARGO) test -p hearth-tests --test all swarm_ -- --nocapture
+	RUST_LIB_BACKTRACE=0 $(CARGO) test --workspace -- --nocapture --skip swarm_
+	RUST_LIB_BACKTRACE=0 $(CARGO) test -p hearth-tests --test all swarm_ -- --nocapture
 
 bench: images executor-image
 	$(CARGO) build --release -q -p hearth-balancer
