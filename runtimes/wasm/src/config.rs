@@ -89,7 +89,7 @@ impl Args {
         config.development = self.mode == "development";
         config.enforced_headers = server::parse_enforced_headers(&self.headers);
         config.v2_key = self.v2_key;
-        config.guest_env = guest_env;
+        config.guest_env = guest_env.into();
         config.max_instances = self.max_instances;
         config.function_dir = self.function_dir;
         config.logs_dir = self.logs_dir;
@@ -124,7 +124,7 @@ mod tests {
         assert_eq!(config.memory_limit, 64 << 20);
         assert_eq!(config.enforced_headers, vec![("x-a".into(), "1".into())]);
         assert_eq!(config.max_instances, 8);
-        assert_eq!(config.guest_env, env);
+        assert_eq!(&config.guest_env[..], &env[..]);
         // Absent variables take the defaults, whatever this process's environment holds.
         let config = Args::from_env(&[]).unwrap().into_config(Vec::new());
         assert_eq!(config.secret, "");

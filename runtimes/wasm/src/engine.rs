@@ -25,6 +25,7 @@ use wasmtime::{
     Store, StoreLimits, StoreLimitsBuilder, Trap, TypedFunc,
 };
 
+pub use crate::wasi::Env;
 use crate::wasi::{self, Deadline, Exit, Output, WasiCtx};
 
 /// Suffix of the precompiled artifact the build step writes next to a module (`x.wasm.cwasm`).
@@ -337,10 +338,10 @@ pub struct Guest {
 }
 
 /// The input of one run: WASI arguments, environment, stdin and an optional time limit.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Invocation {
     pub args: Vec<String>,
-    pub env: Vec<(String, String)>,
+    pub env: Env,
     pub stdin: Bytes,
     pub timeout: Option<Duration>,
 }
@@ -379,7 +380,7 @@ impl Guest {
         let deadline = invocation.timeout.map(|t| Instant::now() + t);
         let mut args = vec![self.name.clone()];
         args.extend(invocation.args);
-        let wasi = WasiCtx::new(args, &invocation.env, invocation.stdin, Deadline(deadline));
+        let wasi = WasiCtx::new(args, invocation.env, invocation.stdin, Deadline(deadline));
         let limits = StoreLimitsBuilder::new()
             .memory_size(memory_limit)
             .trap_on_grow_failure(true)

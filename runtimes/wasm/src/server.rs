@@ -24,7 +24,7 @@ use tokio::sync::Semaphore;
 
 use crate::abi::{self, GuestRequest, GuestResponse};
 use crate::config::Args;
-use crate::engine::{self, Engine, EngineBuilder, Guest, Invocation, Outcome, Status};
+use crate::engine::{self, Engine, EngineBuilder, Env, Guest, Invocation, Outcome, Status};
 use crate::pool;
 use crate::wasi::Stream;
 
@@ -60,7 +60,7 @@ pub struct Config {
     /// `INTERNAL_RUNTIME_KEY`: non-empty switches to the v2 protocol.
     pub v2_key: String,
     /// Variables every guest sees (the server's environment), before the request's own.
-    pub guest_env: Vec<(String, String)>,
+    pub guest_env: Arc<[(String, String)]>,
     /// Memory limit of one instance in bytes (`OPEN_RUNTIMES_MEMORY` MB).
     pub memory_limit: usize,
     /// Live instances at most (pool slots).
@@ -79,7 +79,7 @@ impl Config {
             logs_dir: PathBuf::from("/mnt/logs"),
             timings_file: PathBuf::from("/mnt/telemetry/timings.txt"),
             v2_key: String::new(),
-            guest_env: Vec::new(),
+            guest_env: Arc::from(Vec::new()),
             memory_limit: 512 << 20,
             max_instances: 256,
         }
@@ -548,10 +548,10 @@ async fn handle_v5(function: &Function, req: Request<Incoming>) -> Reply {
             return with_log_id(reply(StatusCode::SERVICE_UNAVAILABLE, None, ""), &id);
         }
     };
-    let request_env = request.env();
+    let base = config.guest_env.clone();
     let invocation = Invocation {
         args: Vec::new(),
-        env: abi::merge_env(&[&config.guest_env, &request_env]),
+        env: Env::lazy(move || abi::merge_env(&[&base, &request.env()])),
         stdin: body,
         timeout,
     };
@@ -787,7 +787,11 @@ async fn handle_v2(function: &Function, req: Request<Incoming>) -> Reply {
     let request_env = request.env();
     let invocation = Invocation {
         args: Vec::new(),
-        env: abi::merge_env(&[&config.guest_env, &variables, &request_env]),
+        env: Env::new(abi::merge_env(&[
+            &config.guest_env,
+            &variables,
+            &request_env,
+        ])),
         stdin: Bytes::from(payload),
         timeout: None,
     };

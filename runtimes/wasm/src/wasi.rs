@@ -70,10 +70,70 @@ pub enum Exit {
 #[derive(Debug, Clone, Copy)]
 pub struct Deadline(pub Option<Instant>);
 
+/// A run's environment variables. A lazy one is only made (and turned into `KEY=VALUE` entries)
+/// when the guest first asks for it with `environ_sizes_get` or `environ_get`: most functions
+/// never do, and skip the cost on every request.
+#[derive(Default)]
+pub struct Env(EnvState);
+
+#[derive(Default)]
+enum EnvState {
+    #[default]
+    Empty,
+    Lazy(Box<dyn FnOnce() -> Vec<(String, String)> + Send>),
+    Entries(Vec<Vec<u8>>),
+}
+
+impl Env {
+    /// Variables known now.
+    pub fn new(vars: Vec<(String, String)>) -> Self {
+        Self::lazy(move || vars)
+    }
+
+    /// Variables made by `make`, on the guest's first request for them.
+    pub fn lazy(make: impl FnOnce() -> Vec<(String, String)> + Send + 'static) -> Self {
+        Self(EnvState::Lazy(Box::new(make)))
+    }
+
+    fn entries(&mut self) -> &[Vec<u8>] {
+        if let EnvState::Lazy(_) | EnvState::Empty = self.0 {
+            let vars = match std::mem::take(&mut self.0) {
+                EnvState::Lazy(make) => make(),
+                _ => Vec::new(),
+            };
+            let entries = vars
+                .iter()
+                .map(|(k, v)| {
+                    let mut entry = Vec::with_capacity(k.len() + v.len() + 2);
+                    entry.extend_from_slice(k.as_bytes());
+                    entry.push(b'=');
+                    entry.extend_from_slice(v.as_bytes());
+                    nul_terminated(entry)
+                })
+                .collect();
+            self.0 = EnvState::Entries(entries);
+        }
+        match &self.0 {
+            EnvState::Entries(entries) => entries,
+            _ => &[],
+        }
+    }
+}
+
+impl std::fmt::Debug for Env {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            EnvState::Empty => f.write_str("Env(empty)"),
+            EnvState::Lazy(_) => f.write_str("Env(not made yet)"),
+            EnvState::Entries(entries) => write!(f, "Env({} variables)", entries.len()),
+        }
+    }
+}
+
 /// Per-run WASI state.
 pub struct WasiCtx {
     args: Vec<Vec<u8>>,
-    env: Vec<Vec<u8>>,
+    env: Env,
     stdin: Bytes,
     stdin_pos: usize,
     output: Output,
@@ -83,25 +143,10 @@ pub struct WasiCtx {
 }
 
 impl WasiCtx {
-    pub fn new(
-        args: Vec<String>,
-        env: &[(String, String)],
-        stdin: Bytes,
-        deadline: Deadline,
-    ) -> Self {
+    pub fn new(args: Vec<String>, env: Env, stdin: Bytes, deadline: Deadline) -> Self {
         let args = args
             .into_iter()
             .map(|a| nul_terminated(a.into_bytes()))
-            .collect();
-        let env = env
-            .iter()
-            .map(|(k, v)| {
-                let mut entry = Vec::with_capacity(k.len() + v.len() + 2);
-                entry.extend_from_slice(k.as_bytes());
-                entry.push(b'=');
-                entry.extend_from_slice(v.as_bytes());
-                nul_terminated(entry)
-            })
             .collect();
         Self {
             args,
@@ -315,7 +360,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<State>) -> wasmtime::Result<()> 
         "environ_sizes_get",
         |mut c: Caller<'_, State>, count: i32, size: i32| {
             with_mem(&mut c, |mem, wasi| {
-                let (n, bytes) = sizes(&wasi.env);
+                let (n, bytes) = sizes(wasi.env.entries());
                 mem.put_u32(count, n)?;
                 mem.put_u32(size, bytes)
             })
@@ -325,7 +370,9 @@ pub(crate) fn add_to_linker(linker: &mut Linker<State>) -> wasmtime::Result<()> 
         MODULE,
         "environ_get",
         |mut c: Caller<'_, State>, ptrs: i32, buf: i32| {
-            with_mem(&mut c, |mem, wasi| put_list(mem, &wasi.env, ptrs, buf))
+            with_mem(&mut c, |mem, wasi| {
+                put_list(mem, wasi.env.entries(), ptrs, buf)
+            })
         },
     )?;
     linker.func_wrap(
