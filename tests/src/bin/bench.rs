@@ -196,7 +196,18 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.min(sorted.len() - 1)]
 }
 
-async fn bench_runtime(rt: RuntimeImage, args: &Args, network: &str) -> Result<Value> {
+/// One image's starts, and its server kept running for the load rounds.
+struct Started {
+    rt: RuntimeImage,
+    server: Server,
+    starts: Vec<f64>,
+    docker_starts: Vec<f64>,
+    one: Vec<Load>,
+    many: Vec<Load>,
+}
+
+/// Builds the image's example, measures start to healthy, and leaves one server running.
+async fn start_runtime(rt: RuntimeImage, args: &Args, network: &str) -> Result<Started> {
     let docker = connect().await?;
     let built = runtime::build(&docker, rt.image, &example_dir(&rt), rt.example_entry, "")
         .await
@@ -225,32 +236,77 @@ async fn bench_runtime(rt: RuntimeImage, args: &Args, network: &str) -> Result<V
     docker_starts.sort_by(f64::total_cmp);
 
     let server = Server::start(&docker, rt.image, &built.archive, &options).await?;
-    let url = format!("{}/", server.url);
     // Warm up the function (first load) and the connection path.
-    wrk(&url, 4, 1)?;
-    let one = wrk(&url, 1, args.duration)?;
-    let many = wrk(&url, 32, args.duration)?;
+    wrk(&format!("{}/", server.url), 4, 1)?;
+    Ok(Started {
+        rt,
+        server,
+        starts,
+        docker_starts,
+        one: Vec::new(),
+        many: Vec::new(),
+    })
+}
 
+/// Hello at 1 and 32 connections, `ROUNDS` times, the images taking turns within each round: a
+/// slow spell of the host hits every image alike. Each figure is the median of its rounds.
+fn load_rounds(started: &mut [Started], duration: u64) -> Result<()> {
+    for _ in 0..ROUNDS {
+        for image in started.iter_mut() {
+            let url = format!("{}/", image.server.url);
+            image.one.push(wrk(&url, 1, duration)?);
+            image.many.push(wrk(&url, 32, duration)?);
+        }
+    }
+    Ok(())
+}
+
+fn report_runtime(image: &Started) -> Value {
+    let (one, many) = (median_load(&image.one), median_load(&image.many));
+    let (starts, docker_starts) = (&image.starts, &image.docker_starts);
     println!(
         "{:<22} hello 1 conn: p50 {:.3} ms p99 {:.3} ms {:>6.0} req/s | 32 conn: p50 {:.3} ms p99 {:.3} ms {:>6.0} req/s | start→healthy p50 {:.0} ms max {:.0} ms (docker start call alone p50 {:.0} ms)",
-        rt.image,
+        image.rt.image,
         one.p50_ms,
         one.p99_ms,
         one.rps,
         many.p50_ms,
         many.p99_ms,
         many.rps,
-        percentile(&starts, 50.0),
-        percentile(&starts, 100.0),
-        percentile(&docker_starts, 50.0),
+        percentile(starts, 50.0),
+        percentile(starts, 100.0),
+        percentile(docker_starts, 50.0),
     );
-    Ok(json!({
-        "image": rt.image,
-        "hello_c1": {"p50_ms": one.p50_ms, "p99_ms": one.p99_ms, "rps": one.rps},
-        "hello_c32": {"p50_ms": many.p50_ms, "p99_ms": many.p99_ms, "rps": many.rps},
-        "start_to_healthy_ms": {"p50": percentile(&starts, 50.0), "max": percentile(&starts, 100.0), "samples": starts},
-        "docker_start_call_ms": {"p50": percentile(&docker_starts, 50.0), "samples": docker_starts},
-    }))
+    let rounds = |loads: &[Load]| -> Vec<Value> {
+        loads
+            .iter()
+            .map(|l| json!({"p50_ms": l.p50_ms, "p99_ms": l.p99_ms, "rps": l.rps}))
+            .collect()
+    };
+    json!({
+        "image": image.rt.image,
+        "hello_c1": {"p50_ms": one.p50_ms, "p99_ms": one.p99_ms, "rps": one.rps, "rounds": rounds(&image.one)},
+        "hello_c32": {"p50_ms": many.p50_ms, "p99_ms": many.p99_ms, "rps": many.rps, "rounds": rounds(&image.many)},
+        "start_to_healthy_ms": {"p50": percentile(starts, 50.0), "max": percentile(starts, 100.0), "samples": starts},
+        "docker_start_call_ms": {"p50": percentile(docker_starts, 50.0), "samples": docker_starts},
+    })
+}
+
+/// Rounds of load per image (the runtime images) and per path (the balancer bench).
+const ROUNDS: usize = 3;
+
+/// Each figure's median over the rounds.
+fn median_load(rounds: &[Load]) -> Load {
+    let median = |f: fn(&Load) -> f64| {
+        let mut v: Vec<f64> = rounds.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    Load {
+        p50_ms: median(|l| l.p50_ms),
+        p99_ms: median(|l| l.p99_ms),
+        rps: median(|l| l.rps),
+    }
 }
 
 /// The Wasm runtime's per-request cost without HTTP: a fresh instance of a no-op guest from the
@@ -318,10 +374,13 @@ async fn main() -> Result<()> {
         } else {
             None
         };
-    let mut results = Vec::new();
+    let mut started = Vec::new();
     for rt in &args.runtimes {
-        results.push(bench_runtime(*rt, &args, &network.name).await?);
+        started.push(start_runtime(*rt, &args, &network.name).await?);
     }
+    load_rounds(&mut started, args.duration)?;
+    let results: Vec<Value> = started.iter().map(report_runtime).collect();
+    drop(started);
     compare_with_node(&results);
     let executor = if args.executor {
         Some(executor_bench::run(&args, &network.name).await?)
