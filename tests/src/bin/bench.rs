@@ -737,6 +737,21 @@ mod executor_bench {
         let direct_1 = wrk(&direct_url, 1, args.duration)?;
         let through_1 = wrk_with(&through_url, 1, args.duration, &lua)?;
         let direct_32 = wrk(&direct_url, 32, args.duration)?;
+        // The reference for the throughput target: a plain nginx proxy in front of the same
+        // runtime, on the same two cores (what any proxy pays for its two TCP legs here).
+        let nginx_dir = TempDir::new("hearth-bench-nginx")?;
+        let nginx_port = hearth_tests::builds::free_port()?;
+        let upstream = direct_server
+            .url
+            .trim_start_matches("http://")
+            .trim_end_matches('/');
+        let nginx = balancer::start_nginx(&nginx_dir.0, upstream, nginx_port)?;
+        let nginx_url = format!("http://127.0.0.1:{nginx_port}");
+        balancer::wait_up(&nginx_url, "/__opr/health").await?;
+        let nginx_url = format!("{nginx_url}/");
+        wrk(&nginx_url, 4, 1)?;
+        let nginx_32 = wrk(&nginx_url, 32, args.duration)?;
+        drop(nginx);
         let cpu_before = cpu_ns(&executor.container.id);
         let through_32 = wrk_with(&through_url, 32, args.duration, &lua)?;
         let cpu_after = cpu_ns(&executor.container.id);
@@ -780,6 +795,11 @@ mod executor_bench {
             executor_cpu_us
         );
         println!(
+            "executor (node hello)   warm 32 conn: nginx in front of the same runtime {:.0} req/s ({:.0} % of direct): the reference for any proxy here",
+            nginx_32.rps,
+            100.0 * nginx_32.rps / direct_32.rps,
+        );
+        println!(
             "executor (node hello)   cold start: through executor p50 {:.0} ms max {:.0} ms | raw docker (create+start+healthy) p50 {:.0} ms (create {:.0} ms) | ratio {:.2}",
             percentile(&cold, 50.0),
             percentile(&cold, 100.0),
@@ -797,7 +817,7 @@ mod executor_bench {
             "warm_c1": {"direct_p50_ms": direct_1.p50_ms, "direct_p99_ms": direct_1.p99_ms,
                 "through_p50_ms": through_1.p50_ms, "through_p99_ms": through_1.p99_ms,
                 "added_p50_ms": added_p50, "added_p99_ms": added_p99},
-            "warm_c32": {"direct_rps": direct_32.rps, "through_rps": through_32.rps, "executor_cpu_us_per_request": executor_cpu_us},
+            "warm_c32": {"direct_rps": direct_32.rps, "through_rps": through_32.rps, "nginx_rps": nginx_32.rps, "executor_cpu_us_per_request": executor_cpu_us},
             "cold_start_ms": {"through_p50": percentile(&cold, 50.0), "through_max": percentile(&cold, 100.0),
                 "raw_docker_p50": percentile(&raw, 50.0), "raw_create_p50": percentile(&raw_create, 50.0),
                 "through_samples": cold, "raw_samples": raw},

@@ -13,7 +13,7 @@ use hearth_tests::executor::{Options, TempDir, TestExecutor, SECRET as EXECUTOR_
 use hearth_tests::runtime::fixture_dir;
 
 /// A child process killed on drop.
-struct Process(Child);
+pub(super) struct Process(Child);
 
 impl Drop for Process {
     fn drop(&mut self) {
@@ -23,11 +23,12 @@ impl Drop for Process {
     }
 }
 
-async fn wait_up(url: &str) -> Result<()> {
+/// Waits until `url` + `health` answers 200 (up to 10 s).
+pub(super) async fn wait_up(url: &str, health: &str) -> Result<()> {
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Ok(res) = client.get(format!("{url}/v1/health")).send().await {
+        if let Ok(res) = client.get(format!("{url}{health}")).send().await {
             if res.status().is_success() {
                 return Ok(());
             }
@@ -66,7 +67,9 @@ fn start_balancer(executor: &str, port: u16) -> Result<Process> {
     Ok(Process(child))
 }
 
-fn start_nginx(dir: &std::path::Path, executor_port: u16, port: u16) -> Result<Process> {
+/// Debian's nginx as a plain keep-alive reverse proxy on 127.0.0.1:`port` in front of `upstream`
+/// (`host:port`).
+pub(super) fn start_nginx(dir: &std::path::Path, upstream: &str, port: u16) -> Result<Process> {
     let d = dir.display();
     let conf = format!(
         "daemon off;\nworker_processes auto;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
@@ -74,7 +77,7 @@ fn start_nginx(dir: &std::path::Path, executor_port: u16, port: u16) -> Result<P
          http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
          fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
          client_max_body_size 64m;\n\
-         upstream executor {{ server 127.0.0.1:{executor_port}; keepalive 256; }}\n\
+         upstream executor {{ server {upstream}; keepalive 256; }}\n\
          server {{\n    listen 127.0.0.1:{port};\n    location / {{\n\
                proxy_pass http://executor;\n      proxy_http_version 1.1;\n\
                proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n"
@@ -135,11 +138,11 @@ pub async fn run(args: &Args) -> Result<Value> {
     let dir = TempDir::new("hearth-bench-nginx")?;
     let (balancer_port, nginx_port) = (free_port()?, free_port()?);
     let balancer = start_balancer(&executor.url, balancer_port)?;
-    let _nginx = start_nginx(&dir.0, executor_port, nginx_port)?;
+    let _nginx = start_nginx(&dir.0, &format!("127.0.0.1:{executor_port}"), nginx_port)?;
     let balancer_url = format!("http://127.0.0.1:{balancer_port}");
     let nginx_url = format!("http://127.0.0.1:{nginx_port}");
-    wait_up(&balancer_url).await?;
-    wait_up(&nginx_url).await?;
+    wait_up(&balancer_url, "/v1/health").await?;
+    wait_up(&nginx_url, "/v1/health").await?;
 
     let lua = execution_lua(EXECUTOR_SECRET);
     let path = "/v1/runtimes/warm/executions";
