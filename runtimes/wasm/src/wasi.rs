@@ -70,18 +70,15 @@ pub enum Exit {
 #[derive(Debug, Clone, Copy)]
 pub struct Deadline(pub Option<Instant>);
 
+type MakeEnv = Box<dyn FnOnce() -> Vec<(String, String)> + Send>;
+
 /// A run's environment variables. A lazy one is only made (and turned into `KEY=VALUE` entries)
 /// when the guest first asks for it with `environ_sizes_get` or `environ_get`: most functions
 /// never do, and skip the cost on every request.
 #[derive(Default)]
-pub struct Env(EnvState);
-
-#[derive(Default)]
-enum EnvState {
-    #[default]
-    Empty,
-    Lazy(Box<dyn FnOnce() -> Vec<(String, String)> + Send>),
-    Entries(Vec<Vec<u8>>),
+pub struct Env {
+    make: Option<MakeEnv>,
+    entries: Vec<Vec<u8>>,
 }
 
 impl Env {
@@ -92,16 +89,15 @@ impl Env {
 
     /// Variables made by `make`, on the guest's first request for them.
     pub fn lazy(make: impl FnOnce() -> Vec<(String, String)> + Send + 'static) -> Self {
-        Self(EnvState::Lazy(Box::new(make)))
+        Self {
+            make: Some(Box::new(make)),
+            entries: Vec::new(),
+        }
     }
 
     fn entries(&mut self) -> &[Vec<u8>] {
-        if let EnvState::Lazy(_) | EnvState::Empty = self.0 {
-            let vars = match std::mem::take(&mut self.0) {
-                EnvState::Lazy(make) => make(),
-                _ => Vec::new(),
-            };
-            let entries = vars
+        if let Some(make) = self.make.take() {
+            self.entries = make()
                 .iter()
                 .map(|(k, v)| {
                     let mut entry = Vec::with_capacity(k.len() + v.len() + 2);
@@ -111,21 +107,16 @@ impl Env {
                     nul_terminated(entry)
                 })
                 .collect();
-            self.0 = EnvState::Entries(entries);
         }
-        match &self.0 {
-            EnvState::Entries(entries) => entries,
-            _ => &[],
-        }
+        &self.entries
     }
 }
 
 impl std::fmt::Debug for Env {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.0 {
-            EnvState::Empty => f.write_str("Env(empty)"),
-            EnvState::Lazy(_) => f.write_str("Env(not made yet)"),
-            EnvState::Entries(entries) => write!(f, "Env({} variables)", entries.len()),
+        match &self.make {
+            Some(_) => f.write_str("Env(not made yet)"),
+            None => write!(f, "Env({} variables)", self.entries.len()),
         }
     }
 }

@@ -746,9 +746,9 @@ mod executor_bench {
             .trim_start_matches("http://")
             .trim_end_matches('/');
         let nginx = balancer::start_nginx(&nginx_dir.0, upstream, nginx_port)?;
-        let nginx_url = format!("http://127.0.0.1:{nginx_port}");
-        balancer::wait_up(&nginx_url, "/__opr/health").await?;
-        let nginx_url = format!("{nginx_url}/");
+        let nginx_base = format!("http://127.0.0.1:{nginx_port}");
+        balancer::wait_up(&nginx_base, "/__opr/health").await?;
+        let nginx_url = format!("{nginx_base}/");
         wrk(&nginx_url, 4, 1)?;
         let nginx_32 = wrk(&nginx_url, 32, args.duration)?;
         drop(nginx);
