@@ -86,8 +86,8 @@ impl Executor {
                     let (logs, errors) = match reply.inline_logs {
                         Some(inline) => inline,
                         None if !request.logging || reply.log_id.is_empty() => Default::default(),
-                        None => match (runtime.logs_dir(), runtime.container_id()) {
-                            (Some(dir), _) => logs::take_from_dir(dir, &reply.log_id).await,
+                        None => match (runtime.logs(), runtime.container_id()) {
+                            (Some(dir), _) => dir.take(&reply.log_id).await,
                             (None, Some(container)) => {
                                 logs::take_via_adapter(
                                     self.adapter.as_ref(),

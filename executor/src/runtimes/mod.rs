@@ -34,6 +34,7 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::invoke::{Invoker, Version};
+use crate::logs;
 use crate::metrics::Metrics;
 use crate::storage::Storage;
 
@@ -78,7 +79,7 @@ pub struct Runtime {
     endpoint: OnceLock<Endpoint>,
     /// Host folder of its log files, when the adapter shares host folders (a pooled runtime
     /// gets its member's, so it is set once the container is known).
-    logs_dir: OnceLock<PathBuf>,
+    logs_dir: OnceLock<logs::LogsDir>,
     /// Keep-warm: idle time after which it is reaped (`None`: the executor's threshold).
     idle_ttl: Option<Duration>,
     /// Keep-warm: never reaped for idleness (`keepWarm` ≥ 1 at creation).
@@ -113,7 +114,9 @@ impl Runtime {
             phase: watch::channel(Phase::Pending).0,
             container: OnceLock::new(),
             endpoint: OnceLock::new(),
-            logs_dir: logs_dir.map(OnceLock::from).unwrap_or_default(),
+            logs_dir: logs_dir
+                .map(|dir| OnceLock::from(logs::LogsDir::new(dir)))
+                .unwrap_or_default(),
             idle_ttl: None,
             pinned: false,
             pooled: AtomicBool::new(false),
@@ -122,6 +125,11 @@ impl Runtime {
     }
 
     pub fn logs_dir(&self) -> Option<&PathBuf> {
+        self.logs_dir.get().map(logs::LogsDir::path)
+    }
+
+    /// Its log folder, for reading an execution's log files.
+    pub fn logs(&self) -> Option<&logs::LogsDir> {
         self.logs_dir.get()
     }
 
@@ -680,7 +688,7 @@ impl Executor {
         let _ = runtime.container.set(member.container);
         let _ = runtime.endpoint.set(member.endpoint);
         if let Some(dir) = member.logs_dir {
-            let _ = runtime.logs_dir.set(dir);
+            let _ = runtime.logs_dir.set(logs::LogsDir::new(dir));
         }
         runtime.pooled.store(pooled, Ordering::Relaxed);
         runtime.listening.store(true, Ordering::Release);
