@@ -110,7 +110,7 @@ pub struct RuntimeSpec {
 }
 
 /// Where the executor reaches a runtime's port.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Endpoint {
     pub host: String,
     pub port: u16,

@@ -1,17 +1,19 @@
-//! The executor's side of the runtime protocol (`runtime-protocol.md` §3–4): one shared
-//! keep-alive HTTP client that forwards a call to a runtime as v5 (secret, timeout and logging
-//! headers) or as the legacy v2 JSON invocation, and probes `/__opr/health` for readiness.
+//! The executor's side of the runtime protocol (`runtime-protocol.md` §3–4): forwards a call to
+//! a runtime as v5 (secret, timeout and logging headers) or as the legacy v2 JSON invocation,
+//! and probes `/__opr/health` for readiness. The connections are [`conn`]'s: kept alive per
+//! runtime and driven by the calling task.
+
+mod conn;
 
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Request};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http_body_util::Full;
 use serde_json::{json, Value};
+
+use conn::{Answer, Pool, SendError};
 
 use hearth_adapters::Endpoint;
 
@@ -114,27 +116,14 @@ pub enum InvokeError {
     Protocol(String),
 }
 
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct Invoker {
-    client: Client<HttpConnector, Full<Bytes>>,
-}
-
-impl Default for Invoker {
-    fn default() -> Self {
-        Self::new()
-    }
+    pool: std::sync::Arc<Pool>,
 }
 
 impl Invoker {
     pub fn new() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(64)
-            .build(connector);
-        Self { client }
+        Self::default()
     }
 
     /// Forwards one call and reads the whole response.
@@ -151,8 +140,9 @@ impl Invoker {
     }
 
     async fn call_v5(&self, call: Call<'_>) -> Result<Reply, InvokeError> {
-        let uri = format!("http://{}{}", call.endpoint, call.path);
-        let mut builder = Request::builder().method(call.method.clone()).uri(uri);
+        let mut builder = Request::builder()
+            .method(call.method.clone())
+            .uri(call.path);
         for (name, value) in call.headers {
             if SKIPPED_REQUEST_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
                 continue;
@@ -178,11 +168,15 @@ impl Invoker {
             .header("authorization", format!("Basic {basic}"))
             .body(Full::new(call.body))
             .map_err(|err| InvokeError::Protocol(format!("failed to build the request: {err}")))?;
-        let response = self.client.request(request).await.map_err(classify)?;
-        let status = response.status().as_u16();
-        let mut headers = Vec::with_capacity(response.headers().len());
+        let Answer { head, body } = self
+            .pool
+            .send(call.endpoint, request, MAX_RESPONSE_BYTES)
+            .await
+            .map_err(classify)?;
+        let status = head.status.as_u16();
+        let mut headers = Vec::with_capacity(head.headers.len());
         let mut log_id = String::new();
-        for (name, value) in response.headers() {
+        for (name, value) in &head.headers {
             let name = name.as_str();
             let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
             if name == "x-open-runtimes-log-id" {
@@ -191,17 +185,6 @@ impl Invoker {
                 headers.push((name.to_string(), value));
             }
         }
-        let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
-            .collect()
-            .await
-            .map_err(|err| {
-                if err.is::<http_body_util::LengthLimitError>() {
-                    InvokeError::TooLarge
-                } else {
-                    InvokeError::Protocol(format!("failed to read the response: {err}"))
-                }
-            })?
-            .to_bytes();
         Ok(Reply {
             status,
             headers,
@@ -224,18 +207,17 @@ impl Invoker {
         });
         let request = Request::builder()
             .method(Method::POST)
-            .uri(format!("http://{}/", call.endpoint))
+            .uri("/")
             .header("content-type", "application/json")
             .header("x-internal-challenge", call.secret)
             .body(Full::new(Bytes::from(payload.to_string())))
             .map_err(|err| InvokeError::Protocol(format!("failed to build the request: {err}")))?;
-        let response = self.client.request(request).await.map_err(classify)?;
-        let status = response.status().as_u16();
-        let bytes = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
-            .collect()
+        let Answer { head, body: bytes } = self
+            .pool
+            .send(call.endpoint, request, MAX_RESPONSE_BYTES)
             .await
-            .map_err(|err| InvokeError::Protocol(format!("failed to read the response: {err}")))?
-            .to_bytes();
+            .map_err(classify)?;
+        let status = head.status.as_u16();
         let parsed: Value = serde_json::from_slice(&bytes).map_err(|err| {
             InvokeError::Protocol(format!("the v2 runtime answered with invalid JSON: {err}"))
         })?;
@@ -279,19 +261,18 @@ impl Invoker {
             "env": env,
             "code": base64::engine::general_purpose::STANDARD.encode(code),
         });
-        let request = Request::post(format!("http://{endpoint}/__hearth/specialise"))
+        let request = Request::post("/__hearth/specialise")
             .header("content-type", "application/json")
             .header("x-hearth-pool-secret", pool_secret)
             .body(Full::new(Bytes::from(body.to_string())))
             .map_err(|err| InvokeError::Protocol(format!("failed to build the request: {err}")))?;
         let answer = async {
-            let response = self.client.request(request).await.map_err(classify)?;
-            let status = response.status().as_u16();
-            let bytes = Limited::new(response.into_body(), 64 * 1024)
-                .collect()
+            let Answer { head, body: bytes } = self
+                .pool
+                .send(endpoint, request, 64 * 1024)
                 .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
+                .map_err(classify)?;
+            let status = head.status.as_u16();
             if status == 200 {
                 Ok(())
             } else {
@@ -310,16 +291,15 @@ impl Invoker {
     /// `deadline` passes first.
     pub async fn wait_listening(&self, endpoint: &Endpoint, deadline: Instant) -> bool {
         let mut delay = Duration::from_millis(1);
-        let uri = format!("http://{endpoint}/__opr/health");
         loop {
-            let Ok(request) = Request::get(&uri).body(Full::new(Bytes::new())) else {
+            let Ok(request) = Request::get("/__opr/health").body(Full::new(Bytes::new())) else {
                 return false;
             };
-            let attempt =
-                tokio::time::timeout(Duration::from_secs(1), self.client.request(request));
-            if let Ok(Ok(response)) = attempt.await {
-                // Drain so the connection goes back to the pool.
-                let _ = response.into_body().collect().await;
+            let attempt = tokio::time::timeout(
+                Duration::from_secs(1),
+                self.pool.send(endpoint, request, 64 * 1024),
+            );
+            if let Ok(Ok(_)) = attempt.await {
                 return true;
             }
             let now = Instant::now();
@@ -332,10 +312,12 @@ impl Invoker {
     }
 }
 
-fn classify(err: hyper_util::client::legacy::Error) -> InvokeError {
-    if err.is_connect() {
-        InvokeError::Connect(err.to_string())
-    } else {
-        InvokeError::Protocol(format!("the runtime failed to answer: {err}"))
+fn classify(err: SendError) -> InvokeError {
+    match err {
+        SendError::Connect(reason) => InvokeError::Connect(reason),
+        SendError::TooLarge => InvokeError::TooLarge,
+        SendError::Failed(reason) => {
+            InvokeError::Protocol(format!("the runtime failed to answer: {reason}"))
+        }
     }
 }
