@@ -7,7 +7,7 @@ RUNTIME_IMAGES := node python wasm
 COMPOSE := $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 API := http://127.0.0.1:8080
 
-.PHONY: images base $(RUNTIME_IMAGES) rabbitmq-image executor-image balancer-image builds-image stack-files up wait-healthy down swarm-up swarm-down hello cli test lint bench clean-test
+.PHONY: images base $(RUNTIME_IMAGES) rabbitmq-image executor-image balancer-image builds-image stack-files up wait-healthy down swarm-up swarm-down hello cli test lint bench bench-images clean-test
 
 # The broker's image is here too: the build tests run RabbitMQ from it.
 images: base $(RUNTIME_IMAGES) rabbitmq-image
@@ -157,10 +157,14 @@ test: images lint
 	RUST_LIB_BACKTRACE=0 $(CARGO) test --workspace -- --nocapture --skip swarm_
 	RUST_LIB_BACKTRACE=0 $(CARGO) test -p hearth-tests --test all swarm_ -- --nocapture
 
-bench: images executor-image
+bench: images executor-image bench-images
 	$(CARGO) build --release -q -p hearth-balancer
 	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { echo "the balancer bench compares with nginx: apt-get install -y nginx-light"; exit 1; }
 	$(CARGO) run --release -q -p hearth-tests --bin bench -- $(BENCH_ARGS)
+
+# Images only the bench uses (a reference proxy).
+bench-images: base
+	docker build -q -t hearth-bench/nginx:latest tests/bench/nginx
 
 # Remove whatever a crashed test left behind (only what carries the test label).
 clean-test:

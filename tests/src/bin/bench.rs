@@ -620,6 +620,46 @@ mod executor_bench {
             .map(|us| us * 1000)
     }
 
+    /// `hearth-bench/nginx` (`make bench` builds it) on `network` in front of `upstream`; the
+    /// container and the URL of its port 80.
+    async fn start_nginx_container(
+        docker: &bollard::Docker,
+        network: &str,
+        upstream: &str,
+    ) -> Result<(Container, String)> {
+        let conf = balancer::nginx_conf("/tmp", upstream, "80");
+        let spec = hearth_tests::docker::ContainerSpec {
+            network: Some(network.to_string()),
+            ..hearth_tests::docker::ContainerSpec::new("hearth-bench/nginx:latest")
+        }
+        .env("NGINX_CONF", &conf)
+        .cmd(&[
+            "sh",
+            "-c",
+            "printf '%s' \"$NGINX_CONF\" > /tmp/nginx.conf && exec nginx -c /tmp/nginx.conf",
+        ]);
+        let container = Container::create(docker, &spec)
+            .await
+            .context("no nginx image for the bench (make bench builds hearth-bench/nginx)")?;
+        container.start().await?;
+        let url = format!("http://{}:80", container.ip_on(network).await?);
+        balancer::wait_up(&url, "/__opr/health").await?;
+        Ok((container, format!("{url}/")))
+    }
+
+    /// User and system CPU time of a container (cgroup v1 `cpuacct.stat`, in ticks).
+    fn cpu_split(id: &str) -> Option<(u64, u64)> {
+        let text =
+            std::fs::read_to_string(format!("/sys/fs/cgroup/cpuacct/docker/{id}/cpuacct.stat"))
+                .ok()?;
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        Some((field("user ")?, field("system ")?))
+    }
+
     pub(super) async fn execute(
         client: &reqwest::Client,
         url: &str,
@@ -750,13 +790,38 @@ mod executor_bench {
         balancer::wait_up(&nginx_base, "/__opr/health").await?;
         let nginx_url = format!("{nginx_base}/");
         wrk(&nginx_url, 4, 1)?;
+        let nginx_cpu_before = nginx.cpu_ns();
         let nginx_32 = wrk(&nginx_url, 32, args.duration)?;
+        let nginx_cpu_us = (nginx.cpu_ns() - nginx_cpu_before) as f64
+            / 1000.0
+            / (nginx_32.rps * args.duration as f64);
         drop(nginx);
+        // The same nginx in a container on the runtime's network, where the executor runs: both
+        // of its TCP legs then cross the Docker bridge, as the executor's do.
+        let (boxed_nginx, boxed_url) = start_nginx_container(&docker, network, upstream).await?;
+        wrk(&boxed_url, 4, 1)?;
+        let boxed_cpu_before = cpu_ns(&boxed_nginx.id);
+        let boxed_32 = wrk(&boxed_url, 32, args.duration)?;
+        let boxed_cpu_us = match (boxed_cpu_before, cpu_ns(&boxed_nginx.id)) {
+            (Some(a), Some(b)) => (b - a) as f64 / 1000.0 / (boxed_32.rps * args.duration as f64),
+            _ => f64::NAN,
+        };
+        drop(boxed_nginx);
         let cpu_before = cpu_ns(&executor.container.id);
+        let split_before = cpu_split(&executor.container.id);
         let through_32 = wrk_with(&through_url, 32, args.duration, &lua)?;
         let cpu_after = cpu_ns(&executor.container.id);
+        let split_after = cpu_split(&executor.container.id);
+        let requests = through_32.rps * args.duration as f64;
         let executor_cpu_us = match (cpu_before, cpu_after) {
-            (Some(a), Some(b)) => (b - a) as f64 / 1000.0 / (through_32.rps * args.duration as f64),
+            (Some(a), Some(b)) => (b - a) as f64 / 1000.0 / requests,
+            _ => f64::NAN,
+        };
+        // How much of it is the kernel's (network stack, scheduler) rather than the executor's code.
+        let executor_system_share = match (split_before, split_after) {
+            (Some((u0, s0)), Some((u1, s1))) if u1 + s1 > u0 + s0 => {
+                (s1 - s0) as f64 / ((u1 + s1) - (u0 + s0)) as f64
+            }
             _ => f64::NAN,
         };
 
@@ -788,16 +853,24 @@ mod executor_bench {
             direct_1.p50_ms, direct_1.p99_ms, through_1.p50_ms, through_1.p99_ms, added_p50, added_p99
         );
         println!(
-            "executor (node hello)   warm 32 conn: direct {:.0} req/s | through executor {:.0} req/s ({:.0} %), executor CPU {:.0} µs/request",
+            "executor (node hello)   warm 32 conn: direct {:.0} req/s | through executor {:.0} req/s ({:.0} %), executor CPU {:.0} µs/request ({:.0} % in the kernel)",
             direct_32.rps,
             through_32.rps,
             100.0 * through_32.rps / direct_32.rps,
-            executor_cpu_us
+            executor_cpu_us,
+            100.0 * executor_system_share
         );
         println!(
-            "executor (node hello)   warm 32 conn: nginx in front of the same runtime {:.0} req/s ({:.0} % of direct): the reference for any proxy here",
+            "executor (node hello)   warm 32 conn: nginx in front of the same runtime {:.0} req/s ({:.0} % of direct), nginx CPU {:.0} µs/request: the reference for any proxy here",
             nginx_32.rps,
             100.0 * nginx_32.rps / direct_32.rps,
+            nginx_cpu_us,
+        );
+        println!(
+            "executor (node hello)   warm 32 conn: nginx in a container on the runtime's network (as the executor runs) {:.0} req/s ({:.0} % of direct), nginx CPU {:.0} µs/request",
+            boxed_32.rps,
+            100.0 * boxed_32.rps / direct_32.rps,
+            boxed_cpu_us,
         );
         println!(
             "executor (node hello)   cold start: through executor p50 {:.0} ms max {:.0} ms | raw docker (create+start+healthy) p50 {:.0} ms (create {:.0} ms) | ratio {:.2}",
@@ -817,7 +890,9 @@ mod executor_bench {
             "warm_c1": {"direct_p50_ms": direct_1.p50_ms, "direct_p99_ms": direct_1.p99_ms,
                 "through_p50_ms": through_1.p50_ms, "through_p99_ms": through_1.p99_ms,
                 "added_p50_ms": added_p50, "added_p99_ms": added_p99},
-            "warm_c32": {"direct_rps": direct_32.rps, "through_rps": through_32.rps, "nginx_rps": nginx_32.rps, "executor_cpu_us_per_request": executor_cpu_us},
+            "warm_c32": {"direct_rps": direct_32.rps, "through_rps": through_32.rps, "nginx_rps": nginx_32.rps, "executor_cpu_us_per_request": executor_cpu_us,
+                "executor_system_share": executor_system_share, "nginx_cpu_us_per_request": nginx_cpu_us,
+                "nginx_container_rps": boxed_32.rps, "nginx_container_cpu_us_per_request": boxed_cpu_us},
             "cold_start_ms": {"through_p50": percentile(&cold, 50.0), "through_max": percentile(&cold, 100.0),
                 "raw_docker_p50": percentile(&raw, 50.0), "raw_create_p50": percentile(&raw_create, 50.0),
                 "through_samples": cold, "raw_samples": raw},

@@ -15,6 +15,46 @@ use hearth_tests::runtime::fixture_dir;
 /// A child process killed on drop.
 pub(super) struct Process(Child);
 
+impl Process {
+    /// CPU time (user + system, ns) used by the process and its direct children (nginx's
+    /// workers), from `/proc` at clock-tick resolution.
+    pub(super) fn cpu_ns(&self) -> u64 {
+        let master = self.0.id();
+        let ticks_ns = 1_000_000_000 / 100;
+        let mut total = 0;
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return 0;
+        };
+        for entry in entries.flatten() {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // Fields after the parenthesised name: state ppid ... utime(14) stime(15).
+            let Some(rest) = stat.rsplit_once(") ").map(|(_, rest)| rest) else {
+                continue;
+            };
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let pid: u32 = entry
+                .file_name()
+                .to_str()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
+            let ppid: u32 = fields.get(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+            if pid != master && ppid != master {
+                continue;
+            }
+            let field = |i: usize| {
+                fields
+                    .get(i)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            total += (field(11) + field(12)) * ticks_ns;
+        }
+        total
+    }
+}
+
 impl Drop for Process {
     fn drop(&mut self) {
         // SIGTERM, not SIGKILL: nginx's master then stops its workers too.
@@ -67,20 +107,30 @@ fn start_balancer(executor: &str, port: u16) -> Result<Process> {
     Ok(Process(child))
 }
 
-/// Debian's nginx as a plain keep-alive reverse proxy on 127.0.0.1:`port` in front of `upstream`
-/// (`host:port`).
-pub(super) fn start_nginx(dir: &std::path::Path, upstream: &str, port: u16) -> Result<Process> {
-    let d = dir.display();
-    let conf = format!(
+/// The configuration of a plain keep-alive reverse proxy on `listen` in front of `upstream`
+/// (`host:port`), its working files in `dir`.
+pub(super) fn nginx_conf(dir: &str, upstream: &str, listen: &str) -> String {
+    let d = dir;
+    format!(
         "daemon off;\nworker_processes auto;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
          events {{ worker_connections 4096; }}\n\
          http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
          fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
          client_max_body_size 64m;\n\
          upstream executor {{ server {upstream}; keepalive 256; }}\n\
-         server {{\n    listen 127.0.0.1:{port};\n    location / {{\n\
+         server {{\n    listen {listen};\n    location / {{\n\
                proxy_pass http://executor;\n      proxy_http_version 1.1;\n\
                proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n"
+    )
+}
+
+/// Debian's nginx as a plain keep-alive reverse proxy on 127.0.0.1:`port` in front of `upstream`
+/// (`host:port`).
+pub(super) fn start_nginx(dir: &std::path::Path, upstream: &str, port: u16) -> Result<Process> {
+    let conf = nginx_conf(
+        &dir.display().to_string(),
+        upstream,
+        &format!("127.0.0.1:{port}"),
     );
     let path = dir.join("nginx.conf");
     std::fs::write(&path, conf)?;
