@@ -62,6 +62,7 @@ impl Executor {
             };
             let remaining = deadline.saturating_duration_since(Instant::now());
             let call_started = Instant::now();
+            let sent = std::time::SystemTime::now();
             let reply = self
                 .invoker
                 .call(Call {
@@ -87,7 +88,7 @@ impl Executor {
                         Some(inline) => inline,
                         None if !request.logging || reply.log_id.is_empty() => Default::default(),
                         None => match (runtime.logs(), runtime.container_id()) {
-                            (Some(dir), _) => dir.take(&reply.log_id).await,
+                            (Some(dir), _) => dir.take(&reply.log_id, sent).await,
                             (None, Some(container)) => {
                                 logs::take_via_adapter(
                                     self.adapter.as_ref(),
