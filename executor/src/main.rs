@@ -4,6 +4,11 @@ use anyhow::Context;
 use clap::Parser;
 use hearth_executor::config::Config;
 
+/// mimalloc rather than glibc's malloc: every execution allocates and frees a few dozen small
+/// buffers, often on different worker threads.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut config = Config::parse();
