@@ -189,9 +189,11 @@ async fn create_runtime(
 async fn execute(
     State(executor): State<Arc<Executor>>,
     Path(runtime_id): Path<String>,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> ApiResult {
+    // The request's own headers, not the copy a `HeaderMap` extractor would make.
+    let (parts, body) = request.into_parts();
+    let headers = parts.headers;
     let fields = Fields::parse(&headers, read_body(body).await?).await?;
     let body = fields.bytes("body", MAX_BODY)?;
     let mut path = fields

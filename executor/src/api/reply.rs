@@ -5,7 +5,8 @@ use axum::http::header::CONTENT_TYPE;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
-use serde_json::{json, Map, Value};
+use serde::Serialize;
+use serde_json::{Map, Value};
 
 use crate::error::Error;
 use crate::runtimes::execute::ExecutionResult;
@@ -59,30 +60,43 @@ pub fn keeps_arrays(headers: &HeaderMap) -> bool {
     major > 0 || minor >= 11
 }
 
+/// The JSON reply, keys in the (sorted) order they always had.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct JsonReply<'a> {
+    body: &'a str,
+    cold_start_duration: f64,
+    duration: f64,
+    errors: &'a str,
+    headers: &'a Value,
+    logs: &'a str,
+    start_time: f64,
+    status_code: u16,
+}
+
 pub fn render(result: ExecutionResult, request_headers: &HeaderMap) -> Result<Response, Error> {
     let headers = headers_object(&result.headers, keeps_arrays(request_headers));
     if wants_json(request_headers) {
-        let body = String::from_utf8(result.body.to_vec()).map_err(|_| {
+        let body = std::str::from_utf8(&result.body).map_err(|_| {
             Error::ExecutionBadJson(
                 "Execution resulted in binary response, but JSON response does not allow binaries. Use \"Accept: multipart/form-data\" header to support binaries."
                     .to_string(),
             )
         })?;
-        let reply = json!({
-            "statusCode": result.status_code,
-            "headers": headers,
-            "body": body,
-            "logs": result.logs,
-            "errors": result.errors,
-            "duration": result.duration,
-            "startTime": result.start_time,
-            "coldStartDuration": result.cold_start,
-        });
-        return Ok((
-            [(CONTENT_TYPE, "application/json; charset=utf-8")],
-            reply.to_string(),
-        )
-            .into_response());
+        // Serialised straight from the result: no copy of the body, logs or errors.
+        let reply = JsonReply {
+            body,
+            cold_start_duration: result.cold_start,
+            duration: result.duration,
+            errors: &result.errors,
+            headers: &headers,
+            logs: &result.logs,
+            start_time: result.start_time,
+            status_code: result.status_code,
+        };
+        let json = serde_json::to_vec(&reply)
+            .map_err(|err| Error::Internal(format!("failed to render the reply: {err}")))?;
+        return Ok(([(CONTENT_TYPE, "application/json; charset=utf-8")], json).into_response());
     }
     let boundary = format!("----HearthBoundary{}", random_hex(24));
     let mut out = BytesMut::with_capacity(result.body.len() + result.logs.len() + 1024);
@@ -144,6 +158,7 @@ pub fn render(result: ExecutionResult, request_headers: &HeaderMap) -> Result<Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn accept_negotiation() {
