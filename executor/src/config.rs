@@ -144,6 +144,12 @@ pub struct Config {
     #[arg(long, env = "OPR_EXECUTOR_SHUTDOWN_GRACE", default_value_t = 30)]
     pub shutdown_grace: u64,
 
+    /// Threads serving the API and the calls to runtimes (default: half the cores, at least
+    /// one). The executor shares its host with the runtimes that do the actual work; on 2 cores
+    /// one thread gave ~10 % more executions per second at less CPU each than two (BENCHMARKS.md).
+    #[arg(long, env = "OPR_EXECUTOR_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+
     /// Container platform for runtimes: `docker` or `swarm`.
     #[arg(
         long,
@@ -216,6 +222,7 @@ impl Config {
             max_runtimes: 100,
             pids_limit: 1024,
             shutdown_grace: 5,
+            worker_threads: None,
             adapter: AdapterKind::Docker,
             pool: false,
             pool_min: 1,

@@ -9,9 +9,24 @@ use hearth_executor::config::Config;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let mut config = Config::parse();
+fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    let workers = config.worker_threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, |cores| (cores.get() / 2).max(1))
+    });
+    anyhow::ensure!(
+        workers > 0,
+        "OPR_EXECUTOR_WORKER_THREADS must be at least 1"
+    );
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")?
+        .block_on(serve(config, workers))
+}
+
+async fn serve(mut config: Config, workers: usize) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     if std::env::var("LOG_FORMAT").as_deref() == Ok("json") {
@@ -32,7 +47,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("failed to listen on {}", config.listen))?;
     let executor = hearth_executor::prepare(config, adapter).await?;
-    tracing::info!(address = %listener.local_addr()?, "executor listening");
+    tracing::info!(address = %listener.local_addr()?, workers, "executor listening");
     hearth_executor::run(executor, listener, shutdown_signal()).await
 }
 
