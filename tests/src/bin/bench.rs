@@ -8,9 +8,10 @@
 //!
 //! Executor (`--executor`, on by default): the executor image in a container on the same network,
 //! so both paths are container to container: warm hello through the executor vs direct to the
-//! runtime (added p50/p99, requests/s at 32 connections), cold start through the executor vs the
-//! raw Docker time (create + start + first healthy) for the same image, and the executor's RSS
-//! with 50 warm runtimes.
+//! runtime (added p50/p99, requests/s at 32 connections, CPU per execution), the same load
+//! through Debian's nginx on the host and in a container on that network (the reference proxies),
+//! cold start through the executor vs the raw Docker time (create + start + first healthy) for
+//! the same image, and the executor's RSS with 50 warm runtimes.
 //!
 //! Balancer (`--balancer`, on by default): balancer vs nginx vs direct to one warm executor
 //! (`bench/balancer.rs`).
@@ -36,6 +37,10 @@ use serde_json::{json, Value};
 
 const SECRET: &str = "bench-secret-key";
 
+const USAGE: &str = "usage: bench [--runtimes node,python,wasm] [--duration SECS] [--starts N] \
+[--executor true|false] [--balancer true|false] [--builds true|false] [--pools true|false] \
+[--swarm true|false]";
+
 struct Args {
     runtimes: Vec<RuntimeImage>,
     duration: u64,
@@ -60,7 +65,13 @@ fn parse_args() -> Result<Args> {
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
-        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
+        if flag == "--help" || flag == "-h" {
+            println!("{USAGE}");
+            std::process::exit(0);
+        }
+        let value = it
+            .next()
+            .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
         match flag.as_str() {
             "--runtimes" => {
                 args.runtimes = value
@@ -82,7 +93,7 @@ fn parse_args() -> Result<Args> {
             "--builds" => args.builds = value.parse().context("--builds")?,
             "--pools" => args.pools = value.parse().context("--pools")?,
             "--swarm" => args.swarm = value.parse().context("--swarm")?,
-            other => bail!("unknown flag {other}"),
+            other => bail!("unknown flag {other}\n{USAGE}"),
         }
     }
     Ok(args)
