@@ -150,6 +150,12 @@ pub struct Config {
     #[arg(long, env = "OPR_EXECUTOR_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
 
+    /// Call runtimes over a Unix socket in the log folder they share with the executor
+    /// (`runtimes/socket.md`): no TCP, bridge or netfilter on that leg. Runtimes whose image does
+    /// not serve the socket are called over TCP. `false`: always TCP.
+    #[arg(long, env = "OPR_EXECUTOR_RUNTIME_SOCKETS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub runtime_sockets: bool,
+
     /// Container platform for runtimes: `docker` or `swarm`.
     #[arg(
         long,
@@ -223,6 +229,7 @@ impl Config {
             pids_limit: 1024,
             shutdown_grace: 5,
             worker_threads: None,
+            runtime_sockets: true,
             adapter: AdapterKind::Docker,
             pool: false,
             pool_min: 1,

@@ -44,6 +44,8 @@ pub struct Options {
     pub pool_images: Vec<String>,
     pub pool_min: usize,
     pub pool_max: usize,
+    /// `OPR_EXECUTOR_RUNTIME_SOCKETS` (default on).
+    pub runtime_sockets: bool,
 }
 
 impl Options {
@@ -58,6 +60,7 @@ impl Options {
             pool_images: Vec::new(),
             pool_min: 1,
             pool_max: 8,
+            runtime_sockets: true,
         }
     }
 
@@ -117,6 +120,7 @@ impl TestExecutor {
         config.images = options.pool_images.clone();
         config.pool_min = options.pool_min;
         config.pool_max = options.pool_max;
+        config.runtime_sockets = options.runtime_sockets;
         let adapter = DockerAdapter::connect(DockerOptions {
             addressing: Addressing::Published,
             call_timeout: Duration::from_secs(60),
@@ -158,6 +162,11 @@ impl TestExecutor {
         if let Some(server) = self.server.take() {
             let _ = server.await;
         }
+    }
+
+    /// The host folder of this executor's runtime folders (`OPR_EXECUTOR_RUNTIMES_DIR`).
+    pub fn runtimes_dir(&self) -> PathBuf {
+        self._dir.0.join("runtimes")
     }
 
     pub fn get(&self, path: &str) -> RequestBuilder {

@@ -337,7 +337,9 @@ async fn run_command(
 async fn metrics(State(executor): State<Arc<Executor>>) -> Response {
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4")],
-        executor.metrics.render(executor.warm()) + &executor.pools.render_metrics(),
+        executor.metrics.render(executor.warm())
+            + &executor.pools.render_metrics()
+            + &executor.invoker.render_metrics(),
     )
         .into_response()
 }

@@ -1,10 +1,12 @@
 //! The executor's side of the runtime protocol (`runtime-protocol.md` §3–4): forwards a call to
 //! a runtime as v5 (secret, timeout and logging headers) or as the legacy v2 JSON invocation,
 //! and probes `/__opr/health` for readiness. The connections are [`conn`]'s: kept alive per
-//! runtime and driven by the calling task.
+//! runtime and driven by the calling task, over the runtime's Unix socket where it has one
+//! ([`Target`]).
 
 mod conn;
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -16,6 +18,31 @@ use serde_json::{json, Value};
 use conn::{Answer, Pool, SendError};
 
 use hearth_adapters::Endpoint;
+
+/// The variable that asks a runtime to serve on a Unix socket as well (`runtimes/socket.md`).
+pub const SOCKET_ENV: &str = "OPEN_RUNTIMES_SOCKET";
+/// Where that socket is: in the runtime's log folder, the one folder it shares with the executor
+/// (bound at `/mnt/logs`).
+pub const SOCKET_IN_RUNTIME: &str = "/mnt/logs/.hearth.sock";
+const SOCKET_FILE: &str = ".hearth.sock";
+
+/// Where a runtime is called: its TCP endpoint, and the Unix socket it may also serve on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Target {
+    pub endpoint: Endpoint,
+    /// The socket's path on the executor's side; `None`: TCP only.
+    pub socket: Option<PathBuf>,
+}
+
+impl Target {
+    /// `endpoint`, and the socket in `logs_dir` (the runtime's log folder on this side) if any.
+    pub fn new(endpoint: Endpoint, logs_dir: Option<&Path>) -> Self {
+        Self {
+            endpoint,
+            socket: logs_dir.map(|dir| dir.join(SOCKET_FILE)),
+        }
+    }
+}
 
 /// Largest response body a function may return.
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
@@ -78,7 +105,7 @@ impl Version {
 
 /// One call to forward.
 pub struct Call<'a> {
-    pub endpoint: &'a Endpoint,
+    pub target: &'a Target,
     pub secret: &'a str,
     pub version: Version,
     pub method: Method,
@@ -126,6 +153,17 @@ impl Invoker {
         Self::default()
     }
 
+    /// `/metrics` lines: requests runtimes answered, by transport.
+    pub fn render_metrics(&self) -> String {
+        let (unix, tcp) = self.pool.answered();
+        format!(
+            "# HELP hearth_runtime_requests_total Requests runtimes answered (executions, probes, specialisations), by transport.\n\
+             # TYPE hearth_runtime_requests_total counter\n\
+             hearth_runtime_requests_total{{transport=\"unix\"}} {unix}\n\
+             hearth_runtime_requests_total{{transport=\"tcp\"}} {tcp}\n"
+        )
+    }
+
     /// Forwards one call and reads the whole response.
     pub async fn call(&self, call: Call<'_>) -> Result<Reply, InvokeError> {
         let limit = call.timeout + GRACE;
@@ -170,7 +208,7 @@ impl Invoker {
             .map_err(|err| InvokeError::Protocol(format!("failed to build the request: {err}")))?;
         let Answer { head, body } = self
             .pool
-            .send(call.endpoint, request, MAX_RESPONSE_BYTES)
+            .send(call.target, request, MAX_RESPONSE_BYTES)
             .await
             .map_err(classify)?;
         let status = head.status.as_u16();
@@ -214,7 +252,7 @@ impl Invoker {
             .map_err(|err| InvokeError::Protocol(format!("failed to build the request: {err}")))?;
         let Answer { head, body: bytes } = self
             .pool
-            .send(call.endpoint, request, MAX_RESPONSE_BYTES)
+            .send(call.target, request, MAX_RESPONSE_BYTES)
             .await
             .map_err(classify)?;
         let status = head.status.as_u16();
@@ -248,7 +286,7 @@ impl Invoker {
     /// Hands a pool member its function (`runtimes/pool-protocol.md`): env and code archive.
     pub async fn specialise(
         &self,
-        endpoint: &Endpoint,
+        target: &Target,
         pool_secret: &str,
         env: &[(String, String)],
         code: &[u8],
@@ -269,7 +307,7 @@ impl Invoker {
         let answer = async {
             let Answer { head, body: bytes } = self
                 .pool
-                .send(endpoint, request, 64 * 1024)
+                .send(target, request, 64 * 1024)
                 .await
                 .map_err(classify)?;
             let status = head.status.as_u16();
@@ -289,7 +327,7 @@ impl Invoker {
 
     /// Polls the runtime until it answers HTTP at all, backing off from 1 ms. Returns false when
     /// `deadline` passes first.
-    pub async fn wait_listening(&self, endpoint: &Endpoint, deadline: Instant) -> bool {
+    pub async fn wait_listening(&self, target: &Target, deadline: Instant) -> bool {
         let mut delay = Duration::from_millis(1);
         loop {
             let Ok(request) = Request::get("/__opr/health").body(Full::new(Bytes::new())) else {
@@ -297,7 +335,7 @@ impl Invoker {
             };
             let attempt = tokio::time::timeout(
                 Duration::from_secs(1),
-                self.pool.send(endpoint, request, 64 * 1024),
+                self.pool.send(target, request, 64 * 1024),
             );
             if let Ok(Ok(_)) = attempt.await {
                 return true;

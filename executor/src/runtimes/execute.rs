@@ -57,7 +57,7 @@ impl Executor {
                 .acquire_or_start(request.cold_start.as_ref(), &request.runtime_id, deadline)
                 .await?;
             let runtime = guard.runtime().clone();
-            let Some(endpoint) = runtime.endpoint.get() else {
+            let Some(target) = runtime.target.get() else {
                 return Err(Error::RuntimeFailed("runtime has no address".to_string()));
             };
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -66,7 +66,7 @@ impl Executor {
             let reply = self
                 .invoker
                 .call(Call {
-                    endpoint,
+                    target,
                     secret: &runtime.secret,
                     version: runtime.version,
                     method: request.method.clone(),

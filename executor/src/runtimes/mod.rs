@@ -33,7 +33,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::invoke::{Invoker, Version};
+use crate::invoke::{Invoker, Target, Version, SOCKET_ENV, SOCKET_IN_RUNTIME};
 use crate::logs;
 use crate::metrics::Metrics;
 use crate::storage::Storage;
@@ -76,7 +76,8 @@ pub struct Runtime {
     initialised: AtomicBool,
     phase: watch::Sender<Phase>,
     container: OnceLock<String>,
-    endpoint: OnceLock<Endpoint>,
+    /// Where it is called (set once its container runs).
+    target: OnceLock<Target>,
     /// Host folder of its log files, when the adapter shares host folders (a pooled runtime
     /// gets its member's, so it is set once the container is known).
     logs_dir: OnceLock<logs::LogsDir>,
@@ -113,7 +114,7 @@ impl Runtime {
             initialised: AtomicBool::new(false),
             phase: watch::channel(Phase::Pending).0,
             container: OnceLock::new(),
-            endpoint: OnceLock::new(),
+            target: OnceLock::new(),
             logs_dir: logs_dir
                 .map(|dir| OnceLock::from(logs::LogsDir::new(dir)))
                 .unwrap_or_default(),
@@ -645,7 +646,9 @@ impl Executor {
             self.adapter.put_file(&id, path, source).await?;
         }
         let endpoint = self.adapter.start(&id).await?;
-        let _ = runtime.endpoint.set(endpoint);
+        let _ = runtime
+            .target
+            .set(self.target(endpoint, runtime.logs_dir().map(PathBuf::as_path)));
         Ok(())
     }
 
@@ -673,7 +676,7 @@ impl Executor {
         let env = self.function_env(runtime, params);
         if let Err(err) = self
             .invoker
-            .specialise(&member.endpoint, &member.secret, &env, source)
+            .specialise(&member.target, &member.secret, &env, source)
             .await
         {
             self.discard_member(&member).await;
@@ -686,7 +689,7 @@ impl Executor {
             )));
         }
         let _ = runtime.container.set(member.container);
-        let _ = runtime.endpoint.set(member.endpoint);
+        let _ = runtime.target.set(member.target);
         if let Some(dir) = member.logs_dir {
             let _ = runtime.logs_dir.set(logs::LogsDir::new(dir));
         }
@@ -741,13 +744,26 @@ impl Executor {
         env
     }
 
+    /// Where a runtime at `endpoint` with its log folder at `logs_dir` (on this side) is called:
+    /// over the Unix socket in that folder when sockets are on (`runtimes/socket.md`).
+    fn target(&self, endpoint: Endpoint, logs_dir: Option<&std::path::Path>) -> Target {
+        Target::new(endpoint, logs_dir.filter(|_| self.config.runtime_sockets))
+    }
+
+    /// The variable asking a runtime with a shared log folder to serve on a socket there too.
+    fn socket_env(&self, shares_logs_dir: bool) -> Option<(String, String)> {
+        (shares_logs_dir && self.config.runtime_sockets)
+            .then(|| (SOCKET_ENV.to_string(), SOCKET_IN_RUNTIME.to_string()))
+    }
+
     fn container_spec(
         &self,
         runtime: &Runtime,
         params: &RuntimeParams,
         for_execution: bool,
     ) -> RuntimeSpec {
-        let env = self.function_env(runtime, params);
+        let mut env = self.function_env(runtime, params);
+        env.extend(self.socket_env(runtime.logs_dir().is_some()));
         let cmd = if !params.runtime_entrypoint.is_empty() {
             Some(vec![
                 "bash".to_string(),
@@ -793,12 +809,12 @@ impl Executor {
 
     /// Waits until the runtime answers HTTP, failing fast when its container has exited.
     async fn probe(&self, runtime: &Arc<Runtime>, deadline: Instant) -> Result<()> {
-        let Some(endpoint) = runtime.endpoint.get() else {
+        let Some(target) = runtime.target.get() else {
             return Err(Error::RuntimeFailed("runtime has no address".to_string()));
         };
         loop {
             let slice = (Instant::now() + Duration::from_millis(500)).min(deadline);
-            if self.invoker.wait_listening(endpoint, slice).await {
+            if self.invoker.wait_listening(target, slice).await {
                 runtime.listening.store(true, Ordering::Release);
                 return Ok(());
             }
@@ -843,7 +859,8 @@ impl Executor {
     fn adopt(&self, runtime: Runtime, container: String, endpoint: Option<Endpoint>) {
         let _ = runtime.container.set(container);
         if let Some(endpoint) = endpoint {
-            let _ = runtime.endpoint.set(endpoint);
+            let target = self.target(endpoint, runtime.logs_dir().map(PathBuf::as_path));
+            let _ = runtime.target.set(target);
         }
         runtime.phase.send_replace(Phase::Ready);
         let id = runtime.id.clone();

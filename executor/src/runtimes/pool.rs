@@ -20,11 +20,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use hearth_adapters::{Endpoint, RestartPolicy, RuntimeSpec, EXECUTOR_LABEL};
+use hearth_adapters::{RestartPolicy, RuntimeSpec, EXECUTOR_LABEL};
 use tokio::sync::{Notify, Semaphore};
 
 use super::{random_hex, Executor, RUNTIME_PORT};
 use crate::error::{Error, Result};
+use crate::invoke::Target;
 
 /// Marks a container as a pool member (value: the pool's image).
 pub const POOL_LABEL: &str = "hearth.pool";
@@ -67,7 +68,7 @@ impl PoolKey {
 pub struct Member {
     pub container: String,
     pub name: String,
-    pub endpoint: Endpoint,
+    pub target: Target,
     pub secret: String,
     pub logs_dir: Option<PathBuf>,
     idle_since: Instant,
@@ -232,7 +233,10 @@ impl Executor {
             name: name.clone(),
             image: key.image.clone(),
             cmd: None,
-            env: vec![("OPEN_RUNTIMES_POOL_SECRET".to_string(), secret.clone())],
+            env: [("OPEN_RUNTIMES_POOL_SECRET".to_string(), secret.clone())]
+                .into_iter()
+                .chain(self.socket_env(logs_dir.is_some()))
+                .collect(),
             labels,
             working_dir: None,
             cpus: key.cpus(),
@@ -246,20 +250,21 @@ impl Executor {
         let container = self.adapter.create(&spec).await?;
         let started = async {
             let endpoint = self.adapter.start(&container).await?;
+            let target = self.target(endpoint, logs_dir.as_deref());
             if !self
                 .invoker
-                .wait_listening(&endpoint, Instant::now() + READY_TIMEOUT)
+                .wait_listening(&target, Instant::now() + READY_TIMEOUT)
                 .await
             {
                 return Err(Error::RuntimeTimeout);
             }
-            Ok(endpoint)
+            Ok(target)
         };
         match started.await {
-            Ok(endpoint) => Ok(Member {
+            Ok(target) => Ok(Member {
                 container,
                 name,
-                endpoint,
+                target,
                 secret,
                 logs_dir,
                 idle_since: Instant::now(),

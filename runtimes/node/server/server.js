@@ -21,6 +21,9 @@ if (env.OPEN_RUNTIMES_POOL_SECRET !== undefined) {
   scrubEnviron('OPEN_RUNTIMES_POOL_SECRET');
 }
 const PORT = 3000;
+// Hearth extension (runtimes/socket.md): the same server on a Unix socket as well, in a folder the
+// executor shares with the container, so its calls skip TCP and the bridge. Read once at start.
+const SOCKET = env.OPEN_RUNTIMES_SOCKET || '';
 const FUNCTION_DIR = '/usr/local/server/src/function';
 const LOGS_DIR = '/mnt/logs';
 const TIMINGS_FILE = '/mnt/telemetry/timings.txt';
@@ -1418,12 +1421,29 @@ const server = http.createServer({ noDelay: true }, V2 ? onRequestV2 : POOLED ? 
 server.keepAliveTimeout = 120 * 1000;
 server.headersTimeout = 125 * 1000;
 server.requestTimeout = 0;
+// The socket first (bound at once, as the port is): once the port answers, the executor finds it.
+if (SOCKET !== '') listenOnSocket(SOCKET);
 server.listen(PORT, '0.0.0.0', () => {
   nativeConsole.log('HTTP server successfully started!');
   // A pool member waits for its function: what specialising needs is loaded before it answers
   // anything (the health check included), so a member found ready is warm.
   if (POOLED) warmPoolMember();
 });
+
+// Connections accepted on the Unix socket are handed to the HTTP server, so they take the same
+// handler (swapped on specialisation), keep-alive and timeouts as those on the TCP port. A socket
+// left by an earlier run of this container (a restart) is replaced; failing to listen leaves the
+// TCP port, which the executor falls back to.
+function listenOnSocket(socketPath) {
+  try {
+    fs.unlinkSync(socketPath);
+  } catch (_) {
+    // none there
+  }
+  const side = require('net').createServer((socket) => server.emit('connection', socket));
+  side.on('error', (err) => process.stderr.write(`Unix socket ${socketPath}: ${err.message}\n`));
+  side.listen(socketPath);
+}
 
 // While a pool member is idle (never in fresh mode, whose start this would delay): loads and
 // compiles what the specialise step and the first request would otherwise pay for.

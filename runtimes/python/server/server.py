@@ -1479,6 +1479,8 @@ def _warm_pool_member():
 
 async def serve():
     loop = asyncio.get_running_loop()
+    # The socket first: once the port answers, the executor finds it there.
+    side = await _listen_on_socket(loop, os.environ.get("OPEN_RUNTIMES_SOCKET", ""))
     listener = await loop.create_server(HttpProtocol, "0.0.0.0", 3000, reuse_address=True, backlog=1024)
     print("HTTP server successfully started!", flush=True)
     # The server is PID 1 of its container, where SIGTERM has no default action: handle it, so
@@ -1495,6 +1497,26 @@ async def serve():
         _use_function_packages()
     await stop.wait()
     listener.close()
+    if side is not None:
+        side.close()
+
+
+async def _listen_on_socket(loop, path):
+    """Hearth extension (runtimes/socket.md): the same server on a Unix socket as well, in a folder
+    the executor shares with the container, so its calls skip TCP and the bridge. A socket left by
+    an earlier run of this container (a restart) is replaced; failing to listen leaves the TCP
+    port, which the executor falls back to."""
+    if not path:
+        return None
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    try:
+        return await loop.create_unix_server(HttpProtocol, path, backlog=1024)
+    except OSError as err:
+        print(f"Unix socket {path}: {err}", file=sys.stderr, flush=True)
+        return None
 
 
 def main():

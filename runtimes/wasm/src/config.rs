@@ -32,6 +32,9 @@ pub struct Args {
     pub v2_entrypoint: String,
     #[arg(long, env = "HEARTH_WASM_LISTEN", default_value = "0.0.0.0:3000")]
     pub listen: String,
+    /// Also serve on this Unix socket (runtimes/socket.md); empty: TCP only.
+    #[arg(long, env = "OPEN_RUNTIMES_SOCKET", default_value = "")]
+    pub socket: String,
     #[arg(long, env = "HEARTH_WASM_MAX_INSTANCES", default_value_t = 256)]
     pub max_instances: u32,
     #[arg(

@@ -32,6 +32,7 @@ fn main() -> Result<()> {
 
 async fn run(args: Args, pool_secret: String) -> Result<()> {
     let listen = args.listen.clone();
+    let socket = args.socket.clone();
     let env: Vec<(String, String)> = std::env::vars().collect();
     // Pool mode (runtimes/pool-protocol.md) starts with the engine only, no code.
     let service = tokio::task::spawn_blocking(move || match pool_secret.as_str() {
@@ -39,11 +40,15 @@ async fn run(args: Args, pool_secret: String) -> Result<()> {
         _ => anyhow::Ok(Service::pool(env, pool_secret)?),
     })
     .await??;
+    // The socket first: once the port answers, the executor finds it there.
+    let unix = (!socket.is_empty())
+        .then(|| server::bind_unix_socket(socket.as_ref()))
+        .flatten();
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .with_context(|| format!("failed to listen on {listen}"))?;
     println!("HTTP server successfully started!");
-    server::serve(service, listener, shutdown()).await?;
+    server::serve(service, listener, unix, shutdown()).await?;
     Ok(())
 }
 

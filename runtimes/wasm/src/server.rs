@@ -19,7 +19,7 @@ use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use rand::Rng;
 use serde_json::{json, Map, Value};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 
 use crate::abi::{self, GuestRequest, GuestResponse};
@@ -234,46 +234,78 @@ fn write_timing(file: &std::path::Path, name: &str, took: Duration, append: bool
     }
 }
 
-/// Serves HTTP/1 on `listener` until `shutdown` completes, then lets in-flight requests finish
-/// (at most 30 s).
+/// Serves HTTP/1 on `listener`, and on `unix` when given (the Hearth extension of
+/// `runtimes/socket.md`), until `shutdown` completes, then lets in-flight requests finish (at
+/// most 30 s).
 pub async fn serve(
     service: Arc<Service>,
     listener: TcpListener,
+    unix: Option<UnixListener>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(err) => {
-                        tracing::warn!(error = %err, "failed to accept a connection");
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let service = service.clone();
-                let handler = service_fn(move |req| {
-                    let service = service.clone();
-                    async move { Ok::<_, Infallible>(handle(&service, req).await) }
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), handler);
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(err) = conn.await {
-                        tracing::debug!(error = %err, "connection ended with an error");
-                    }
-                });
-            }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    serve_connection(&service, &graceful, stream);
+                }
+                Err(err) => tracing::warn!(error = %err, "failed to accept a connection"),
+            },
+            accepted = accept_unix(unix.as_ref()) => match accepted {
+                Ok(stream) => serve_connection(&service, &graceful, stream),
+                Err(err) => tracing::warn!(error = %err, "failed to accept a connection on the Unix socket"),
+            },
             () = &mut shutdown => break,
         }
     }
     drop(listener);
+    drop(unix);
     let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
     Ok(())
+}
+
+/// The next connection on the Unix socket; never, without one.
+async fn accept_unix(unix: Option<&UnixListener>) -> std::io::Result<UnixStream> {
+    match unix {
+        Some(listener) => listener.accept().await.map(|(stream, _)| stream),
+        None => std::future::pending().await,
+    }
+}
+
+fn serve_connection<S>(service: &Arc<Service>, graceful: &GracefulShutdown, stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service.clone();
+    let handler = service_fn(move |req| {
+        let service = service.clone();
+        async move { Ok::<_, Infallible>(handle(&service, req).await) }
+    });
+    let conn =
+        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), handler);
+    let conn = graceful.watch(conn);
+    tokio::spawn(async move {
+        if let Err(err) = conn.await {
+            tracing::debug!(error = %err, "connection ended with an error");
+        }
+    });
+}
+
+/// Binds the Unix socket at `path` (runtimes/socket.md), replacing one an earlier run of this
+/// container left. `None` (with a warning) when it cannot: the TCP port still serves, and the
+/// executor falls back to it.
+pub fn bind_unix_socket(path: &std::path::Path) -> Option<UnixListener> {
+    let _ = std::fs::remove_file(path);
+    match UnixListener::bind(path) {
+        Ok(listener) => Some(listener),
+        Err(err) => {
+            tracing::warn!(path = %path.display(), error = %err, "failed to listen on the Unix socket");
+            None
+        }
+    }
 }
 
 type Reply = Response<Full<Bytes>>;

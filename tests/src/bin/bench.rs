@@ -307,12 +307,15 @@ fn report_runtime(image: &Started) -> Value {
 const ROUNDS: usize = 3;
 
 /// Each figure's median over the rounds.
+/// The median of `values` (NaN when empty).
+fn median_of(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
 fn median_load(rounds: &[Load]) -> Load {
-    let median = |f: fn(&Load) -> f64| {
-        let mut v: Vec<f64> = rounds.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-    };
+    let median = |f: fn(&Load) -> f64| median_of(&rounds.iter().map(f).collect::<Vec<_>>());
     Load {
         p50_ms: median(|l| l.p50_ms),
         p99_ms: median(|l| l.p99_ms),
@@ -779,17 +782,30 @@ mod executor_bench {
 
         // Warm overhead: the same hello, through the executor and direct to a runtime.
         execute(&client, &executor.url, "warm", &params).await?;
+        // The same, through an executor that calls its runtime over TCP
+        // (`OPR_EXECUTOR_RUNTIME_SOCKETS=false`): what the socket leg (runtimes/socket.md) gives.
+        let tcp_executor = start_executor(
+            network,
+            &storage,
+            &runtimes,
+            "tcp",
+            &[
+                ("OPR_EXECUTOR_POOL", "false"),
+                ("OPR_EXECUTOR_RUNTIME_SOCKETS", "false"),
+            ],
+        )
+        .await?;
+        execute(&client, &tcp_executor.url, "warm", &params).await?;
         let direct_server = Server::start(&docker, rt.image, &built.archive, &options).await?;
         let direct_url = format!("{}/", direct_server.url);
         let lua = execution_lua(EXECUTOR_SECRET);
+        let plain = runtime_lua();
         let through_url = format!("{}/v1/runtimes/warm/executions", executor.url);
-        wrk_with(&through_url, 4, 1, &lua)?;
-        wrk(&direct_url, 4, 1)?;
-        let direct_1 = wrk(&direct_url, 1, args.duration)?;
-        let through_1 = wrk_with(&through_url, 1, args.duration, &lua)?;
-        let direct_32 = wrk(&direct_url, 32, args.duration)?;
-        // The reference for the throughput target: a plain nginx proxy in front of the same
-        // runtime, on the same two cores (what any proxy pays for its two TCP legs here).
+        let tcp_url = format!("{}/v1/runtimes/warm/executions", tcp_executor.url);
+        // The references for the throughput target: a plain nginx proxy in front of the same
+        // runtime on the host, and the same nginx in a container on the runtime's network, where
+        // the executor runs (both of its TCP legs then cross the Docker bridge, as the
+        // executor's client leg does).
         let nginx_dir = TempDir::new("hearth-bench-nginx")?;
         let nginx_port = hearth_tests::builds::free_port()?;
         let upstream = direct_server
@@ -800,41 +816,79 @@ mod executor_bench {
         let nginx_base = format!("http://127.0.0.1:{nginx_port}");
         balancer::wait_up(&nginx_base, "/__opr/health").await?;
         let nginx_url = format!("{nginx_base}/");
-        wrk(&nginx_url, 4, 1)?;
-        let nginx_cpu_before = nginx.cpu_ns();
-        let nginx_32 = wrk(&nginx_url, 32, args.duration)?;
-        let nginx_cpu_us = (nginx.cpu_ns() - nginx_cpu_before) as f64
-            / 1000.0
-            / (nginx_32.rps * args.duration as f64);
-        drop(nginx);
-        // The same nginx in a container on the runtime's network, where the executor runs: both
-        // of its TCP legs then cross the Docker bridge, as the executor's do.
         let (boxed_nginx, boxed_url) = start_nginx_container(&docker, network, upstream).await?;
-        wrk(&boxed_url, 4, 1)?;
-        let boxed_cpu_before = cpu_ns(&boxed_nginx.id);
-        let boxed_32 = wrk(&boxed_url, 32, args.duration)?;
-        let boxed_cpu_us = match (boxed_cpu_before, cpu_ns(&boxed_nginx.id)) {
-            (Some(a), Some(b)) => (b - a) as f64 / 1000.0 / (boxed_32.rps * args.duration as f64),
-            _ => f64::NAN,
-        };
-        drop(boxed_nginx);
-        let cpu_before = cpu_ns(&executor.container.id);
-        let split_before = cpu_split(&executor.container.id);
-        let through_32 = wrk_with(&through_url, 32, args.duration, &lua)?;
-        let cpu_after = cpu_ns(&executor.container.id);
-        let split_after = cpu_split(&executor.container.id);
-        let requests = through_32.rps * args.duration as f64;
-        let executor_cpu_us = match (cpu_before, cpu_after) {
-            (Some(a), Some(b)) => (b - a) as f64 / 1000.0 / requests,
-            _ => f64::NAN,
-        };
-        // How much of it is the kernel's (network stack, scheduler) rather than the executor's code.
-        let executor_system_share = match (split_before, split_after) {
-            (Some((u0, s0)), Some((u1, s1))) if u1 + s1 > u0 + s0 => {
-                (s1 - s0) as f64 / ((u1 + s1) - (u0 + s0)) as f64
+        for (url, script) in [
+            (&through_url, &lua),
+            (&tcp_url, &lua),
+            (&direct_url, &plain),
+            (&nginx_url, &plain),
+            (&boxed_url, &plain),
+        ] {
+            wrk_with(url, 4, 1, script)?;
+        }
+
+        // In rounds, the paths taking turns, so that a slow spell of the host hits all alike;
+        // each figure is the median of its rounds.
+        let (mut direct_1, mut through_1) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            direct_1.push(wrk(&direct_url, 1, args.duration)?);
+            through_1.push(wrk_with(&through_url, 1, args.duration, &lua)?);
+        }
+        let (direct_1, through_1) = (median_load(&direct_1), median_load(&through_1));
+        let no_proxy = || None;
+        let executor_cpu = || cpu_ns(&executor.container.id);
+        let tcp_cpu = || cpu_ns(&tcp_executor.container.id);
+        let nginx_cpu = || Some(nginx.cpu_ns());
+        let boxed_cpu = || cpu_ns(&boxed_nginx.id);
+        // Each path: its URL, its wrk script, and the CPU (ns) its proxy has used so far.
+        type CpuNs<'a> = &'a dyn Fn() -> Option<u64>;
+        let paths: [(&str, &String, CpuNs); 5] = [
+            (&direct_url, &plain, &no_proxy),
+            (&through_url, &lua, &executor_cpu),
+            (&tcp_url, &lua, &tcp_cpu),
+            (&nginx_url, &plain, &nginx_cpu),
+            (&boxed_url, &plain, &boxed_cpu),
+        ];
+        let mut loads: [Vec<Load>; 5] = Default::default();
+        let mut cpus: [Vec<f64>; 5] = Default::default();
+        let mut system_shares = Vec::new();
+        for _ in 0..ROUNDS {
+            for (i, (url, script, cpu)) in paths.iter().enumerate() {
+                let split_before = cpu_split(&executor.container.id);
+                let before = cpu();
+                let load = wrk_with(url, 32, args.duration, script)?;
+                cpus[i].push(match (before, cpu()) {
+                    (Some(a), Some(b)) => {
+                        (b - a) as f64 / 1000.0 / (load.rps * args.duration as f64)
+                    }
+                    _ => f64::NAN,
+                });
+                loads[i].push(load);
+                // How much of the executor's CPU is the kernel's (network stack, scheduler).
+                if i == 1 {
+                    if let (Some((u0, s0)), Some((u1, s1))) =
+                        (split_before, cpu_split(&executor.container.id))
+                    {
+                        if u1 + s1 > u0 + s0 {
+                            system_shares.push((s1 - s0) as f64 / ((u1 + s1) - (u0 + s0)) as f64);
+                        }
+                    }
+                }
             }
-            _ => f64::NAN,
-        };
+        }
+        drop(boxed_nginx);
+        drop(nginx);
+        drop(tcp_executor);
+        let through_shares: Vec<f64> = loads[1]
+            .iter()
+            .zip(&loads[0])
+            .map(|(through, direct)| 100.0 * through.rps / direct.rps)
+            .collect();
+        let [direct_32, through_32, through_tcp_32, nginx_32, boxed_32] =
+            loads.each_ref().map(|rounds| median_load(rounds));
+        let [_, executor_cpu_us, tcp_executor_cpu_us, nginx_cpu_us, boxed_cpu_us] =
+            cpus.each_ref().map(|rounds| median_of(rounds));
+        let executor_system_share = median_of(&system_shares);
 
         // RSS with 50 warm runtimes (the cold-start ones and "warm" count).
         let have = args.starts + 1;
@@ -864,12 +918,19 @@ mod executor_bench {
             direct_1.p50_ms, direct_1.p99_ms, through_1.p50_ms, through_1.p99_ms, added_p50, added_p99
         );
         println!(
-            "executor (node hello)   warm 32 conn: direct {:.0} req/s | through executor {:.0} req/s ({:.0} %), executor CPU {:.0} µs/request ({:.0} % in the kernel)",
+            "executor (node hello)   warm 32 conn: direct {:.0} req/s | through executor {:.0} req/s ({:.0} %; rounds {}), executor CPU {:.0} µs/request ({:.0} % in the kernel)",
             direct_32.rps,
             through_32.rps,
             100.0 * through_32.rps / direct_32.rps,
+            through_shares.iter().map(|s| format!("{s:.0} %")).collect::<Vec<_>>().join(" / "),
             executor_cpu_us,
             100.0 * executor_system_share
+        );
+        println!(
+            "executor (node hello)   warm 32 conn: executor calling its runtime over TCP (OPR_EXECUTOR_RUNTIME_SOCKETS=false) {:.0} req/s ({:.0} % of direct), executor CPU {:.0} µs/request",
+            through_tcp_32.rps,
+            100.0 * through_tcp_32.rps / direct_32.rps,
+            tcp_executor_cpu_us,
         );
         println!(
             "executor (node hello)   warm 32 conn: nginx in front of the same runtime {:.0} req/s ({:.0} % of direct), nginx CPU {:.0} µs/request: the reference for any proxy here",
@@ -901,9 +962,11 @@ mod executor_bench {
             "warm_c1": {"direct_p50_ms": direct_1.p50_ms, "direct_p99_ms": direct_1.p99_ms,
                 "through_p50_ms": through_1.p50_ms, "through_p99_ms": through_1.p99_ms,
                 "added_p50_ms": added_p50, "added_p99_ms": added_p99},
+            "rounds": ROUNDS, "through_share_rounds": through_shares,
             "warm_c32": {"direct_rps": direct_32.rps, "through_rps": through_32.rps, "nginx_rps": nginx_32.rps, "executor_cpu_us_per_request": executor_cpu_us,
                 "executor_system_share": executor_system_share, "nginx_cpu_us_per_request": nginx_cpu_us,
-                "nginx_container_rps": boxed_32.rps, "nginx_container_cpu_us_per_request": boxed_cpu_us},
+                "nginx_container_rps": boxed_32.rps, "nginx_container_cpu_us_per_request": boxed_cpu_us,
+                "through_tcp_rps": through_tcp_32.rps, "tcp_executor_cpu_us_per_request": tcp_executor_cpu_us},
             "cold_start_ms": {"through_p50": percentile(&cold, 50.0), "through_max": percentile(&cold, 100.0),
                 "raw_docker_p50": percentile(&raw, 50.0), "raw_create_p50": percentile(&raw_create, 50.0),
                 "through_samples": cold, "raw_samples": raw},

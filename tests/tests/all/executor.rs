@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use hearth_tests::executor::{json_reply, parse_multipart, Options, TestExecutor, SECRET};
-use hearth_tests::runtime::fixture_dir;
+use hearth_tests::runtime::{example_dir, fixture_dir};
 use serde_json::{json, Value};
 
 const NODE: &str = "hearth/node:v5-18";
@@ -800,6 +800,66 @@ async fn executor_killed_runtime_cold_starts_again() -> Result<()> {
         (400..500).contains(&status),
         "killed runtime without params: {status} {body}"
     );
+    Ok(())
+}
+
+/// Hearth's socket extension (`runtimes/socket.md`): every image serves on the Unix socket in its
+/// shared log folder and the executor calls it there, over no TCP at all (the readiness probe
+/// included); with `OPR_EXECUTOR_RUNTIME_SOCKETS=false` no socket is made and calls take TCP.
+#[tokio::test]
+async fn executor_calls_runtimes_over_their_unix_socket() -> Result<()> {
+    use std::io::{Read, Write};
+    for sockets in [true, false] {
+        let mut options = Options::named(if sockets { "sockets" } else { "tcp-only" });
+        options.runtime_sockets = sockets;
+        let ex = TestExecutor::start(options).await?;
+        for rt in hearth_tests::runtime::ALL {
+            let source = ex.stage_source(&example_dir(rt), rt.name)?;
+            let params =
+                json!({"image": rt.image, "source": source, "entrypoint": rt.example_entry});
+            for _ in 0..3 {
+                let reply = execute(&ex, rt.name, params.clone()).await?;
+                ensure!(reply["statusCode"] == 200, "{}: {reply}", rt.name);
+            }
+            let socket = ex
+                .runtimes_dir()
+                .join(format!("{}-{}", ex.name, rt.name))
+                .join("logs/.hearth.sock");
+            ensure!(
+                socket.exists() == sockets,
+                "{}: socket there: {} (sockets {sockets})",
+                rt.name,
+                socket.exists()
+            );
+            if sockets {
+                // The runtime itself answers there (health needs no secret).
+                let mut stream = std::os::unix::net::UnixStream::connect(&socket)?;
+                stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+                stream.write_all(
+                    b"GET /__opr/health HTTP/1.1\r\nhost: runtime\r\nconnection: close\r\n\r\n",
+                )?;
+                let mut answer = String::new();
+                stream.read_to_string(&mut answer)?;
+                ensure!(
+                    answer.starts_with("HTTP/1.1 200") && answer.ends_with("OK"),
+                    "{}: {answer}",
+                    rt.name
+                );
+            }
+        }
+        let unix = ex
+            .metric(r#"hearth_runtime_requests_total{transport="unix"}"#)
+            .await?;
+        let tcp = ex
+            .metric(r#"hearth_runtime_requests_total{transport="tcp"}"#)
+            .await?;
+        if sockets {
+            // Three executions and a readiness probe per runtime.
+            ensure!(unix >= 12.0 && tcp == 0.0, "unix {unix}, tcp {tcp}");
+        } else {
+            ensure!(unix == 0.0 && tcp >= 12.0, "unix {unix}, tcp {tcp}");
+        }
+    }
     Ok(())
 }
 

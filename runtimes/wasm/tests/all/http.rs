@@ -14,6 +14,8 @@ use crate::testdata;
 struct TestServer {
     url: String,
     dir: PathBuf,
+    /// The same server on a Unix socket (runtimes/socket.md).
+    socket: PathBuf,
     _stop: oneshot::Sender<()>,
 }
 
@@ -40,13 +42,17 @@ async fn start(module: &str, max_instances: u32) -> TestServer {
     let service: Arc<Service> = Service::load(config).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
+    let socket = dir.join("hearth.sock");
+    let unix = server::bind_unix_socket(&socket);
+    assert!(unix.is_some(), "no Unix socket at {}", socket.display());
     let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(server::serve(service, listener, async move {
+    tokio::spawn(server::serve(service, listener, unix, async move {
         let _ = stopped.await;
     }));
     TestServer {
         url,
         dir,
+        socket,
         _stop: stop,
     }
 }
@@ -65,6 +71,35 @@ fn log_file(dir: &Path, id: &str, kind: &str) -> String {
             .unwrap_or_default();
         panic!("{}: {e}; logs dir holds {listing:?}", path.display())
     })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unix_socket_serves_the_same_requests_with_keep_alive() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = start("hello.wat", 4).await;
+    // An earlier socket file at the path (a restarted container) is replaced, not an error.
+    assert!(server::bind_unix_socket(&server.socket).is_some());
+    let server = start("hello.wat", 4).await;
+    let mut stream = tokio::net::UnixStream::connect(&server.socket)
+        .await
+        .unwrap();
+    let request = "POST / HTTP/1.1\r\nhost: runtime\r\ncontent-length: 0\r\n\r\n";
+    for _ in 0..2 {
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        while !String::from_utf8_lossy(&answer).ends_with("Hello from WebAssembly!") {
+            let mut buf = [0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+                .await
+                .expect("the answer came in time")
+                .unwrap();
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&answer));
+            answer.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.contains("x-open-runtimes-log-id: "), "{text}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

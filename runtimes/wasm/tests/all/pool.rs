@@ -72,7 +72,7 @@ async fn start() -> Member {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(server::serve(service, listener, async move {
+    tokio::spawn(server::serve(service, listener, None, async move {
         let _ = stopped.await;
     }));
     Member {
