@@ -10,12 +10,14 @@
 //!   probe loops;
 //! - [`routing`]: the API's routes and rendezvous hashing with bounded load;
 //! - [`upstream`]: executors, their health state, discovery targets;
-//! - [`proxy`]: the shared hyper client, bodies, hop-by-hop headers, one call to one executor;
+//! - [`client`]: the shared client to executors, each connection driven by the call using it;
+//! - [`proxy`]: bodies, hop-by-hop headers, one call to one executor;
 //! - [`metrics`]: the balancer's Prometheus counters;
 //! - [`error`]: the errors, and the one place they become responses.
 //!
 //! [`run`] serves on a listener until `shutdown` resolves, then drains calls in flight.
 
+pub mod client;
 pub mod config;
 pub mod error;
 pub mod metrics;

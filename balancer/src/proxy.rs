@@ -1,5 +1,6 @@
 //! The forwarding half: body types, hop-by-hop header stripping, client bodies under a size
-//! limit and an idle timeout, and one call to one executor under the upstream timeout.
+//! limit and an idle timeout, and one call to one executor under the upstream timeout (through
+//! the shared [`Client`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,10 +13,9 @@ use http::{Request, Response};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 use tokio::time::Sleep;
 
+use crate::client::{Client, ClientError};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::upstream::Upstream;
@@ -23,25 +23,11 @@ use crate::upstream::Upstream;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Every body the balancer sends or answers with.
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
-pub type HttpClient = Client<HttpConnector, ProxyBody>;
 
 pub fn full(bytes: Bytes) -> ProxyBody {
     Full::new(bytes)
         .map_err(|never| match never {})
         .boxed_unsync()
-}
-
-/// The one shared client: keep-alive pools per executor, `TCP_NODELAY`, a connect timeout.
-pub fn client(connect_timeout: Duration) -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(connect_timeout));
-    connector.set_keepalive(Some(Duration::from_secs(60)));
-    Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(256)
-        .pool_timer(hyper_util::rt::TokioTimer::new())
-        .build(connector)
 }
 
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -158,7 +144,7 @@ pub enum SendError {
 }
 
 /// The client's error as the API names it: a body over the limit or idle is the client's fault.
-fn classify(executor: &str, err: hyper_util::client::legacy::Error) -> SendError {
+fn classify(executor: &str, err: ClientError) -> SendError {
     if err.is_connect() {
         return SendError::Connect(source_chain(&err));
     }
@@ -192,31 +178,26 @@ fn source_chain(err: &dyn std::error::Error) -> String {
 /// One call to one executor: the client's method, path and headers (hop-by-hop removed), the
 /// response streamed back.
 pub async fn send(
-    client: &HttpClient,
+    client: &std::sync::Arc<Client>,
     metrics: &Metrics,
     upstream: &std::sync::Arc<Upstream>,
     parts: &http::request::Parts,
     body: ProxyBody,
     timeout: Duration,
 ) -> Result<Response<ProxyBody>, SendError> {
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let uri = format!("{}{path}", upstream.url);
     let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
-    *request.uri_mut() = uri
-        .parse()
-        .map_err(|err| SendError::Failed(Error::ClientBody(format!("bad request path: {err}"))))?;
+    *request.uri_mut() = match parts.uri.path_and_query() {
+        Some(path) => http::Uri::from(path.clone()),
+        None => http::Uri::from_static("/"),
+    };
     let mut headers = parts.headers.clone();
     strip_hop_by_hop(&mut headers);
     headers.remove(header::HOST);
     *request.headers_mut() = headers;
     let _in_flight = upstream.start();
     let started = Instant::now();
-    let result = tokio::time::timeout(timeout, client.request(request)).await;
+    let result = tokio::time::timeout(timeout, client.send(&upstream.authority, request)).await;
     metrics.latency(started.elapsed());
     let response = match result {
         Err(_) => {
@@ -246,10 +227,7 @@ pub async fn send(
     metrics.request(&upstream.url, outcome);
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    Ok(Response::from_parts(
-        parts,
-        body.map_err(BoxError::from).boxed_unsync(),
-    ))
+    Ok(Response::from_parts(parts, body))
 }
 
 #[cfg(test)]

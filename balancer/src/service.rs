@@ -11,10 +11,11 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use crate::client::Client;
 use crate::config::Config;
 use crate::error::Error;
 use crate::metrics::{Metrics, Placement};
-use crate::proxy::{self, full, HttpClient, ProxyBody, SendError};
+use crate::proxy::{self, full, ProxyBody, SendError};
 use crate::routing::{self, Action, Route};
 use crate::upstream::{Pool, Target, Upstream};
 
@@ -42,7 +43,7 @@ impl Payload {
 
 pub struct Balancer {
     pub config: Config,
-    client: HttpClient,
+    client: Arc<Client>,
     pub pool: Pool,
     targets: RwLock<Vec<Target>>,
     /// runtimeId → the executor last seen holding it.
@@ -69,7 +70,7 @@ impl Balancer {
         };
         Ok(Arc::new(Self {
             builds,
-            client: proxy::client(config.connect_timeout()),
+            client: Client::new(config.connect_timeout()),
             pool: Pool::default(),
             targets: RwLock::new(targets),
             locations: DashMap::new(),

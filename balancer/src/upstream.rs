@@ -11,6 +11,8 @@ use std::sync::{Arc, RwLock};
 #[derive(Debug)]
 pub struct Upstream {
     pub url: String,
+    /// `host:port` of [`Upstream::url`].
+    pub authority: String,
     pub weight: f64,
     healthy: AtomicBool,
     /// Still part of the discovered set (a removed one keeps answering its in-flight calls).
@@ -21,7 +23,13 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(url: String, weight: f64) -> Self {
+        let authority = url
+            .strip_prefix("http://")
+            .unwrap_or(&url)
+            .trim_end_matches('/')
+            .to_string();
         Self {
+            authority,
             url,
             weight,
             // Optimistic: a new executor takes traffic at once; a refused connect ejects it.

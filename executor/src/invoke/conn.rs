@@ -161,11 +161,12 @@ impl Pool {
                     }
                 })?
                 .to_bytes();
-            let counter = match conn.unix {
-                true => &self.answered_unix,
-                false => &self.answered_tcp,
+            let answered = if conn.unix {
+                &self.answered_unix
+            } else {
+                &self.answered_tcp
             };
-            counter.fetch_add(1, Ordering::Relaxed);
+            answered.fetch_add(1, Ordering::Relaxed);
             self.checkin(target, conn);
             return Ok(Answer { head, body });
         }
@@ -213,9 +214,7 @@ impl Pool {
             });
         }
     }
-}
 
-impl Pool {
     /// A new connection: over the target's Unix socket when it answers there, else over TCP.
     async fn connect(&self, target: &Target) -> Result<Conn, SendError> {
         let endpoint = &target.endpoint;
