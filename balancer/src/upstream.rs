@@ -12,7 +12,7 @@ use std::sync::{Arc, RwLock};
 pub struct Upstream {
     pub url: String,
     /// `host:port` of [`Upstream::url`].
-    pub authority: String,
+    pub authority: Arc<str>,
     pub weight: f64,
     healthy: AtomicBool,
     /// Still part of the discovered set (a removed one keeps answering its in-flight calls).
@@ -27,7 +27,7 @@ impl Upstream {
             .strip_prefix("http://")
             .unwrap_or(&url)
             .trim_end_matches('/')
-            .to_string();
+            .into();
         Self {
             authority,
             url,

@@ -188,7 +188,7 @@ pub async fn run(args: &Args) -> Result<Value> {
     let dir = TempDir::new("hearth-bench-nginx")?;
     let (balancer_port, nginx_port) = (free_port()?, free_port()?);
     let balancer = start_balancer(&executor.url, balancer_port)?;
-    let _nginx = start_nginx(&dir.0, &format!("127.0.0.1:{executor_port}"), nginx_port)?;
+    let nginx = start_nginx(&dir.0, &format!("127.0.0.1:{executor_port}"), nginx_port)?;
     let balancer_url = format!("http://127.0.0.1:{balancer_port}");
     let nginx_url = format!("http://127.0.0.1:{nginx_port}");
     wait_up(&balancer_url, "/v1/health").await?;
@@ -209,30 +209,40 @@ pub async fn run(args: &Args) -> Result<Value> {
     for connections in [1u32, 64] {
         // Rounds of direct, balancer, nginx back to back; each figure is the median of its
         // rounds, so a slow spell of the host hits all three alike instead of one.
+        // The proxies' CPU per request too: steadier than req/s on a host whose speed drifts.
         let mut rounds: Vec<Vec<Load>> = vec![Vec::new(); paths.len()];
+        let mut cpu_us: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
         for _ in 0..ROUNDS {
             for (i, (_, url)) in paths.iter().enumerate() {
+                let proxy = [None, Some(&balancer), Some(&nginx)][i];
+                let before = proxy.map(Process::cpu_ns);
                 let l = load(url.clone(), connections, args.duration, lua.clone()).await?;
+                if let (Some(proxy), Some(before)) = (proxy, before) {
+                    let requests = l.rps * args.duration as f64;
+                    cpu_us[i].push((proxy.cpu_ns() - before) as f64 / 1000.0 / requests);
+                }
                 rounds[i].push(l);
             }
         }
-        let loads: Vec<(&str, Load)> = paths
+        let loads: Vec<(&str, Load, f64)> = paths
             .iter()
             .zip(&rounds)
-            .map(|((name, _), r)| (*name, median_load(r)))
+            .zip(&cpu_us)
+            .map(|(((name, _), r), cpu)| (*name, median_load(r), median_of(cpu)))
             .collect();
         let direct = loads[0].1;
         let mut row = serde_json::Map::new();
-        for (name, l) in &loads {
+        for (name, l, cpu) in &loads {
             row.insert(
                 name.to_string(),
                 json!({"p50_ms": l.p50_ms, "p99_ms": l.p99_ms, "rps": l.rps,
-                       "added_p50_ms": l.p50_ms - direct.p50_ms, "added_p99_ms": l.p99_ms - direct.p99_ms}),
+                       "added_p50_ms": l.p50_ms - direct.p50_ms, "added_p99_ms": l.p99_ms - direct.p99_ms,
+                       "cpu_us_per_request": cpu}),
             );
         }
-        for (name, l) in &loads[1..] {
+        for (name, l, cpu) in &loads[1..] {
             printed.push(format!(
-                "balancer bench {connections:>2} conn: {name:<8} added p50 {:+.3} ms p99 {:+.3} ms, {:.0} req/s (direct p50 {:.3} ms p99 {:.3} ms, {:.0} req/s)",
+                "balancer bench {connections:>2} conn: {name:<8} added p50 {:+.3} ms p99 {:+.3} ms, {:.0} req/s, CPU {cpu:.0} µs/request (direct p50 {:.3} ms p99 {:.3} ms, {:.0} req/s)",
                 l.p50_ms - direct.p50_ms,
                 l.p99_ms - direct.p99_ms,
                 l.rps,
