@@ -94,6 +94,13 @@ pub struct Config {
     /// Seconds the balancer waits for requests in flight at shutdown.
     #[arg(long, env = "HEARTH_BALANCER_SHUTDOWN_GRACE", default_value_t = 30.0)]
     pub shutdown_grace: f64,
+
+    /// Threads serving requests (default: half the cores, at least one), as for the executor:
+    /// in the stack the balancer shares its host with executors and runtimes, and on 2 cores one
+    /// thread spent 15–25 % less CPU per request than two at the same requests/s
+    /// (BENCHMARKS.md). On a host of its own, set it to the number of cores.
+    #[arg(long, env = "HEARTH_BALANCER_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
 }
 
 fn secs(value: f64) -> Duration {

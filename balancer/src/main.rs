@@ -4,9 +4,24 @@ use anyhow::Context;
 use clap::Parser;
 use hearth_balancer::{Balancer, Config};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let config = Config::parse();
+    let workers = config.worker_threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, |cores| (cores.get() / 2).max(1))
+    });
+    anyhow::ensure!(
+        workers > 0,
+        "HEARTH_BALANCER_WORKER_THREADS must be at least 1"
+    );
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")?
+        .block_on(serve(config, workers))
+}
+
+async fn serve(config: Config, workers: usize) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     if std::env::var("LOG_FORMAT").as_deref() == Ok("json") {
@@ -25,7 +40,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("failed to listen on {}", config.listen))?;
     let balancer = Balancer::new(config)?;
-    tracing::info!(address = %listener.local_addr()?, "balancer listening");
+    tracing::info!(address = %listener.local_addr()?, workers, "balancer listening");
     hearth_balancer::run(balancer, listener, shutdown_signal()).await?;
     Ok(())
 }
