@@ -153,9 +153,21 @@ lint:
 # The Swarm tests run last and on their own: they take 127.0.0.1:8080/8081, `.env`, `data/` and
 # the engine's swarm state (`make swarm-up` builds the service images itself).
 # A failing test's error comes first, without an error backtrace burying it (panics keep theirs).
+# The Swarm tests make the engine a single-node swarm when it is in none. When they did, `make
+# test` leaves that swarm afterwards, with the docker_gwbridge network it made, so a test run
+# leaves the engine as it found it (a swarm the engine was already in stays).
+SWARM_TESTS ?= $(CARGO) test -p hearth-tests --test all swarm_ -- --nocapture
 test: images lint
 	RUST_LIB_BACKTRACE=0 $(CARGO) test --workspace -- --nocapture --skip swarm_
-	RUST_LIB_BACKTRACE=0 $(CARGO) test -p hearth-tests --test all swarm_ -- --nocapture
+	@swarm="$$(docker info --format '{{.Swarm.LocalNodeState}}')"; \
+	gwbridge="$$(docker network ls -q --filter name=^docker_gwbridge$$)"; \
+	echo "$(SWARM_TESTS)"; RUST_LIB_BACKTRACE=0 $(SWARM_TESTS); rc=$$?; \
+	if [ "$$swarm" != active ] && [ "$$(docker info --format '{{.Swarm.LocalNodeState}}')" = active ] \
+	  && [ -z "$$(docker service ls -q)" ]; then \
+	  docker swarm leave --force >/dev/null && echo "left the swarm the Swarm tests made"; \
+	  if [ -z "$$gwbridge" ]; then docker network rm docker_gwbridge >/dev/null 2>&1 || true; fi; \
+	fi; \
+	exit $$rc
 
 bench: images executor-image bench-images
 	$(CARGO) build --release -q -p hearth-balancer
