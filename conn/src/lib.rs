@@ -76,35 +76,17 @@ where
         request: Request<B>,
     ) -> Result<Response<Incoming>, TrySendError<Request<B>>> {
         let Conn { sender, driver, .. } = self;
-        let mut sent = pin!(async {
+        alongside(driver, async {
             // A closed connection fails `ready`; `try_send_request` then hands the request back.
             let _ = sender.ready().await;
             sender.try_send_request(request).await
-        });
-        poll_fn(|cx| {
-            if let Poll::Ready(out) = sent.as_mut().poll(cx) {
-                return Poll::Ready(out);
-            }
-            poll_driver(driver, cx);
-            // The driver's progress (the request written, the head read) is usually what the
-            // call waits for: look again now rather than after a wake-up.
-            sent.as_mut().poll(cx)
         })
         .await
     }
 
     /// Runs `future` (reading a response body whole, say) while keeping the connection moving.
     pub async fn drive<F: Future>(&mut self, future: F) -> F::Output {
-        let driver = &mut self.driver;
-        let mut future = pin!(future);
-        poll_fn(|cx| {
-            if let Poll::Ready(out) = future.as_mut().poll(cx) {
-                return Poll::Ready(out);
-            }
-            poll_driver(driver, cx);
-            future.as_mut().poll(cx)
-        })
-        .await
+        alongside(&mut self.driver, future).await
     }
 
     /// One poll without a waker: takes in what the peer sent while nobody polled (an end of
@@ -117,6 +99,28 @@ where
         }
         self.is_open()
     }
+}
+
+/// Runs `future` while polling the connection's state machine. The driver's progress (the
+/// request written, the head or body read) is usually what the future waits for, so after
+/// polling the driver the future is looked at again at once rather than after a wake-up.
+async fn alongside<IO, B, F>(driver: &mut Option<Driver<IO, B>>, future: F) -> F::Output
+where
+    IO: Read + Write + Unpin + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    F: Future,
+{
+    let mut future = pin!(future);
+    poll_fn(|cx| {
+        if let Poll::Ready(out) = future.as_mut().poll(cx) {
+            return Poll::Ready(out);
+        }
+        poll_driver(driver, cx);
+        future.as_mut().poll(cx)
+    })
+    .await
 }
 
 /// Polls the connection's state machine; drops it once it finished (the peer closed the
@@ -389,8 +393,8 @@ mod tests {
 
     type TestShelf = Shelf<u16, TokioIo<TcpStream>, Full<Bytes>>;
 
-    /// How the loopback server answers.
-    #[derive(Clone, Copy)]
+    /// How the loopback server answers (default: sized bodies, connections kept).
+    #[derive(Clone, Copy, Default)]
     struct Answers {
         /// In two chunks, the second a moment later (the body must keep its connection moving).
         chunked: bool,
@@ -484,7 +488,7 @@ mod tests {
         for chunked in [false, true] {
             let answers = Answers {
                 chunked,
-                close_after: false,
+                ..Answers::default()
             };
             let (port, accepted) = server("hello world", answers).await;
             let shelf = shelf();
@@ -498,8 +502,8 @@ mod tests {
     #[tokio::test]
     async fn a_connection_the_peer_closed_is_replaced_and_the_request_sent_again() {
         let answers = Answers {
-            chunked: false,
             close_after: true,
+            ..Answers::default()
         };
         let (port, accepted) = server("again", answers).await;
         let shelf = shelf();
@@ -515,7 +519,7 @@ mod tests {
     async fn a_body_dropped_half_read_closes_its_connection() {
         let answers = Answers {
             chunked: true,
-            close_after: false,
+            ..Answers::default()
         };
         let (port, accepted) = server("hello world", answers).await;
         let shelf = shelf();
@@ -527,11 +531,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_calls_open_their_own_connections_and_shelve_them_all() {
-        let answers = Answers {
-            chunked: false,
-            close_after: false,
-        };
-        let (port, accepted) = server("many", answers).await;
+        let (port, accepted) = server("many", Answers::default()).await;
         let shelf = shelf();
         let calls: Vec<_> = (0..6)
             .map(|_| {
