@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, Request, State};
-use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
+use axum::http::header::{HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_TYPE};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -50,12 +50,20 @@ impl From<Error> for ApiError {
 fn error_response(kind: &str, status: StatusCode, message: &str) -> Response {
     let body =
         json!({"type": kind, "message": message, "code": status.as_u16(), "version": VERSION});
-    (
+    let mut response = (
         status,
         [(CONTENT_TYPE, "application/json; charset=utf-8")],
         body.to_string(),
     )
-        .into_response()
+        .into_response();
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        // The rest of the body is never read, so the server closes the connection after this
+        // answer: say so, or a client may send its next request on it and lose it.
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 impl IntoResponse for ApiError {
