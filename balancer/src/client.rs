@@ -18,8 +18,6 @@ use crate::proxy::{BoxError, ProxyBody};
 const MAX_IDLE_PER_HOST: usize = 256;
 /// An idle connection older than this is closed rather than reused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// TCP keep-alive on every connection, so a vanished executor host is noticed.
-const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
 type Io = TokioIo<TcpStream>;
 
@@ -110,15 +108,9 @@ impl Client {
     }
 
     async fn connect(&self, authority: &str) -> Result<Conn<Io, ProxyBody>, ClientError> {
-        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(authority))
+        let stream = crate::wire::conns::connect(authority, self.connect_timeout)
             .await
-            .map_err(|_| ClientError::Connect(format!("connecting to {authority} timed out")))?
-            .map_err(|err| {
-                ClientError::Connect(format!("failed to connect to {authority}: {err}"))
-            })?;
-        let _ = stream.set_nodelay(true);
-        let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
-        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+            .map_err(ClientError::Connect)?;
         Conn::handshake(TokioIo::new(stream), "tcp")
             .await
             .map_err(|err| ClientError::Connect(format!("failed to open {authority}: {err}")))

@@ -101,6 +101,13 @@ pub struct Config {
     /// (BENCHMARKS.md). On a host of its own, set it to the number of cores.
     #[arg(long, env = "HEARTH_BALANCER_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
+
+    /// Forward executions (`POST /v1/runtimes/{id}/executions` with a body of known length up to
+    /// the replay limit) on the balancer's own HTTP/1.1 path: the head is parsed once and sent on
+    /// as bytes, without building it into header maps twice (`balancer/src/wire/`). `false`:
+    /// every call goes through the general hyper path.
+    #[arg(long, env = "HEARTH_BALANCER_FAST_PATH", default_value_t = true, action = clap::ArgAction::Set)]
+    pub fast_path: bool,
 }
 
 fn secs(value: f64) -> Duration {

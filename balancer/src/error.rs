@@ -52,7 +52,8 @@ impl Error {
         }
     }
 
-    pub fn into_response(self) -> Response<ProxyBody> {
+    /// The status and the JSON body of the answer (5xx logged here).
+    pub fn into_parts(self) -> (StatusCode, Bytes) {
         let (kind, status) = self.kind();
         if status.is_server_error() {
             tracing::warn!(kind, error = %self, "request failed");
@@ -63,7 +64,12 @@ impl Error {
             "code": status.as_u16(),
             "version": VERSION,
         });
-        let mut response = Response::new(full(Bytes::from(body.to_string())));
+        (status, Bytes::from(body.to_string()))
+    }
+
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let (status, body) = self.into_parts();
+        let mut response = Response::new(full(body));
         *response.status_mut() = status;
         response.headers_mut().insert(
             CONTENT_TYPE,

@@ -10,6 +10,8 @@
 //!   probe loops;
 //! - [`routing`]: the API's routes and rendezvous hashing with bounded load;
 //! - [`upstream`]: executors, their health state, discovery targets;
+//! - [`wire`]: the front: each client connection's own HTTP/1.1 path, which forwards executions
+//!   as bytes, then hyper's server for everything else;
 //! - [`client`]: the shared client to executors, each connection driven by the call using it;
 //! - [`proxy`]: bodies, hop-by-hop headers, one call to one executor;
 //! - [`metrics`]: the balancer's Prometheus counters;
@@ -25,17 +27,14 @@ pub mod proxy;
 pub mod routing;
 pub mod service;
 pub mod upstream;
+pub mod wire;
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
 
 pub use config::Config;
 pub use error::Error;
@@ -51,11 +50,9 @@ pub async fn run(
     balancer.refresh().await;
     let discovery = tokio::spawn(balancer.clone().discovery_loop());
     let probes = tokio::spawn(balancer.clone().probe_loop());
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(balancer.config.header_timeout())
-        .keep_alive(true);
-    let graceful = GracefulShutdown::new();
+    let (stop, stopping) = watch::channel(false);
+    // Every connection holds a sender; when the last is gone, all have ended.
+    let (live, mut drained) = mpsc::channel::<()>(1);
     tokio::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {
@@ -71,20 +68,16 @@ pub async fn run(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let serving = balancer.clone();
-        let service = service_fn(move |request| {
-            let serving = serving.clone();
-            async move { Ok::<_, Infallible>(serving.handle(request).await) }
-        });
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let (balancer, stopping, live) = (balancer.clone(), stopping.clone(), live.clone());
         tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::debug!(error = %err, "client connection ended with an error");
-            }
+            wire::serve(balancer, stream, stopping).await;
+            drop(live);
         });
     }
     drop(listener);
-    if tokio::time::timeout(balancer.config.shutdown_grace(), graceful.shutdown())
+    let _ = stop.send(true);
+    drop(live);
+    if tokio::time::timeout(balancer.config.shutdown_grace(), drained.recv())
         .await
         .is_err()
     {

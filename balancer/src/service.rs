@@ -155,7 +155,7 @@ impl Balancer {
     }
 
     /// Passive ejection: a connection to it failed.
-    fn eject(&self, upstream: &Upstream, reason: &str) {
+    pub(crate) fn eject(&self, upstream: &Upstream, reason: &str) {
         if upstream.eject() {
             self.metrics.ejection();
             tracing::warn!(executor = %upstream.url, error = %reason, "executor ejected: connection failed");
@@ -307,7 +307,11 @@ impl Balancer {
     }
 
     /// Where runtime `id` is: the cache, else a lookup across executors, else its home.
-    async fn locate(&self, id: &str, skip: &[String]) -> Result<(Arc<Upstream>, Placement), Error> {
+    pub(crate) async fn locate(
+        &self,
+        id: &str,
+        skip: &[String],
+    ) -> Result<(Arc<Upstream>, Placement), Error> {
         let cached = self.locations.get(id).map(|entry| entry.value().clone());
         if let Some(upstream) = cached {
             if upstream.is_available() && !skip.contains(&upstream.url) {
@@ -334,6 +338,18 @@ impl Balancer {
         let home = routing::home(id, &candidates, self.config.load_factor)
             .ok_or_else(|| Error::NoExecutor("no candidate executor".to_string()))?;
         Ok((home, Placement::Home))
+    }
+
+    /// Records that runtime `id` is (or is being started) on `upstream`.
+    pub(crate) fn remember(&self, id: &str, upstream: &Arc<Upstream>) {
+        if !id.is_empty() {
+            self.locations.insert(id.to_string(), upstream.clone());
+        }
+    }
+
+    /// Forgets where runtime `id` is (its executor failed).
+    pub(crate) fn forget(&self, id: &str) {
+        self.locations.remove(id);
     }
 
     /// Asks every candidate whether it holds `id`; the first that does wins.
@@ -368,8 +384,13 @@ impl Balancer {
         mut payload: Payload,
     ) -> Result<Response<ProxyBody>, Error> {
         let mut skip: Vec<String> = Vec::new();
+        // A 404 from a stale cache entry, the answer if no other executor holds the runtime.
+        let mut not_found: Option<Response<ProxyBody>> = None;
         loop {
-            let (upstream, placement) = self.locate(id, &skip).await?;
+            let (upstream, placement) = match self.locate(id, &skip).await {
+                Ok(found) => found,
+                Err(err) => return not_found.ok_or(err),
+            };
             let places = matches!(action, None | Some(Action::Execute));
             if places {
                 self.metrics.placement(placement);
@@ -398,6 +419,7 @@ impl Balancer {
                         // A stale cache entry: look again among the others.
                         if placement == Placement::Cached && payload.replayable() {
                             skip.push(upstream.url.clone());
+                            not_found = Some(response);
                             continue;
                         }
                     }

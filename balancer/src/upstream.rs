@@ -19,6 +19,8 @@ pub struct Upstream {
     present: AtomicBool,
     failures: AtomicU32,
     in_flight: AtomicUsize,
+    /// Idle connections of the forwarding path (`wire`).
+    pub conns: crate::wire::conns::Shelf,
 }
 
 impl Upstream {
@@ -37,6 +39,7 @@ impl Upstream {
             present: AtomicBool::new(true),
             failures: AtomicU32::new(0),
             in_flight: AtomicUsize::new(0),
+            conns: crate::wire::conns::Shelf::default(),
         }
     }
 

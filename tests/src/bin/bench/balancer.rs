@@ -19,11 +19,18 @@ impl Process {
     /// CPU time (user + system, ns) used by the process and its direct children (nginx's
     /// workers), from `/proc` at clock-tick resolution.
     pub(super) fn cpu_ns(&self) -> u64 {
+        let (user, system) = self.cpu_split_ns();
+        user + system
+    }
+
+    /// [`Process::cpu_ns`] as (user, system): what the proxy's own code costs apart from the
+    /// kernel's work on its sockets.
+    pub(super) fn cpu_split_ns(&self) -> (u64, u64) {
         let master = self.0.id();
         let ticks_ns = 1_000_000_000 / 100;
-        let mut total = 0;
+        let (mut user, mut system) = (0, 0);
         let Ok(entries) = std::fs::read_dir("/proc") else {
-            return 0;
+            return (0, 0);
         };
         for entry in entries.flatten() {
             let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
@@ -49,9 +56,10 @@ impl Process {
                     .and_then(|v| v.parse::<u64>().ok())
                     .unwrap_or(0)
             };
-            total += (field(11) + field(12)) * ticks_ns;
+            user += field(11) * ticks_ns;
+            system += field(12) * ticks_ns;
         }
-        total
+        (user, system)
     }
 }
 
@@ -212,37 +220,43 @@ pub async fn run(args: &Args) -> Result<Value> {
         // The proxies' CPU per request too: steadier than req/s on a host whose speed drifts.
         let mut rounds: Vec<Vec<Load>> = vec![Vec::new(); paths.len()];
         let mut cpu_us: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+        let mut user_us: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
         for _ in 0..ROUNDS {
             for (i, (_, url)) in paths.iter().enumerate() {
                 let proxy = [None, Some(&balancer), Some(&nginx)][i];
-                let before = proxy.map(Process::cpu_ns);
+                let before = proxy.map(Process::cpu_split_ns);
                 let l = load(url.clone(), connections, args.duration, lua.clone()).await?;
-                if let (Some(proxy), Some(before)) = (proxy, before) {
+                if let (Some(proxy), Some((user, system))) = (proxy, before) {
                     let requests = l.rps * args.duration as f64;
-                    cpu_us[i].push((proxy.cpu_ns() - before) as f64 / 1000.0 / requests);
+                    let (user_after, system_after) = proxy.cpu_split_ns();
+                    let per_request = |ns: u64| ns as f64 / 1000.0 / requests;
+                    cpu_us[i].push(per_request(user_after + system_after - user - system));
+                    user_us[i].push(per_request(user_after - user));
                 }
                 rounds[i].push(l);
             }
         }
-        let loads: Vec<(&str, Load, f64)> = paths
+        let loads: Vec<(&str, Load, f64, f64)> = paths
             .iter()
             .zip(&rounds)
-            .zip(&cpu_us)
-            .map(|(((name, _), r), cpu)| (*name, median_load(r), median_of(cpu)))
+            .zip(cpu_us.iter().zip(&user_us))
+            .map(|(((name, _), r), (cpu, user))| {
+                (*name, median_load(r), median_of(cpu), median_of(user))
+            })
             .collect();
         let direct = loads[0].1;
         let mut row = serde_json::Map::new();
-        for (name, l, cpu) in &loads {
+        for (name, l, cpu, user) in &loads {
             row.insert(
                 name.to_string(),
                 json!({"p50_ms": l.p50_ms, "p99_ms": l.p99_ms, "rps": l.rps,
                        "added_p50_ms": l.p50_ms - direct.p50_ms, "added_p99_ms": l.p99_ms - direct.p99_ms,
-                       "cpu_us_per_request": cpu}),
+                       "cpu_us_per_request": cpu, "user_cpu_us_per_request": user}),
             );
         }
-        for (name, l, cpu) in &loads[1..] {
+        for (name, l, cpu, user) in &loads[1..] {
             printed.push(format!(
-                "balancer bench {connections:>2} conn: {name:<8} added p50 {:+.3} ms p99 {:+.3} ms, {:.0} req/s, CPU {cpu:.0} µs/request (direct p50 {:.3} ms p99 {:.3} ms, {:.0} req/s)",
+                "balancer bench {connections:>2} conn: {name:<8} added p50 {:+.3} ms p99 {:+.3} ms, {:.0} req/s, CPU {cpu:.0} µs/request ({user:.0} user) (direct p50 {:.3} ms p99 {:.3} ms, {:.0} req/s)",
                 l.p50_ms - direct.p50_ms,
                 l.p99_ms - direct.p99_ms,
                 l.rps,
