@@ -40,6 +40,20 @@ pub use config::Config;
 pub use error::Error;
 pub use service::Balancer;
 
+/// The async runtime for `workers` threads. One thread runs everything itself (tokio's
+/// current-thread scheduler): no thread but the one that polls the sockets, and about 15 % less
+/// CPU per request than one worker of the multi-thread scheduler (BENCHMARKS.md).
+pub fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut multi = tokio::runtime::Builder::new_multi_thread();
+        multi.worker_threads(workers);
+        multi
+    };
+    builder.enable_all().build()
+}
+
 /// Serves the API until `shutdown` resolves, then waits (up to the configured grace) for calls
 /// in flight. Discovery and probes run while it serves.
 pub async fn run(

@@ -13,10 +13,7 @@ fn main() -> anyhow::Result<()> {
         workers > 0,
         "HEARTH_BALANCER_WORKER_THREADS must be at least 1"
     );
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
+    hearth_balancer::runtime(workers)
         .context("failed to start the async runtime")?
         .block_on(serve(config, workers))
 }
