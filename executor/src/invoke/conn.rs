@@ -127,14 +127,7 @@ const UNIX: &str = "unix";
 /// A new connection: over the target's Unix socket when it answers there, else over TCP.
 async fn connect(target: &Target) -> Result<RuntimeConn, SendError> {
     let endpoint = &target.endpoint;
-    let unix = match &target.socket {
-        Some(path) => tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(path))
-            .await
-            .ok()
-            .and_then(Result::ok),
-        None => None,
-    };
-    let (stream, transport) = match unix {
+    let (stream, transport) = match connect_unix(target).await {
         Some(stream) => (Stream::Unix(stream), UNIX),
         None => {
             let address = (endpoint.host.as_str(), endpoint.port);
@@ -145,12 +138,26 @@ async fn connect(target: &Target) -> Result<RuntimeConn, SendError> {
                     SendError::Connect(format!("failed to connect to {endpoint}: {err}"))
                 })?;
             let _ = stream.set_nodelay(true);
-            (Stream::Tcp(stream), "tcp")
+            // A runtime binds its socket before its port, so one whose port answered a moment
+            // after its socket did not (a readiness probe during its start) has it now.
+            match connect_unix(target).await {
+                Some(unix) => (Stream::Unix(unix), UNIX),
+                None => (Stream::Tcp(stream), "tcp"),
+            }
         }
     };
     Conn::handshake(TokioIo::new(stream), transport)
         .await
         .map_err(|err| SendError::Connect(format!("failed to open {endpoint}: {err}")))
+}
+
+/// A connection on the target's Unix socket, when it has one and it answers.
+async fn connect_unix(target: &Target) -> Option<UnixStream> {
+    let path = target.socket.as_ref()?;
+    tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(path))
+        .await
+        .ok()
+        .and_then(Result::ok)
 }
 
 /// A connection to a runtime: TCP, or the Unix socket in its shared folder.
