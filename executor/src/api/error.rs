@@ -2,7 +2,8 @@
 //! status of the error's kind. 5xx are logged with their full message; 4xx are not errors.
 
 use axum::extract::State;
-use axum::http::header::CONTENT_TYPE;
+use axum::http::header::{HeaderValue, CONNECTION, CONTENT_TYPE};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use std::sync::Arc;
@@ -44,6 +45,14 @@ impl IntoResponse for ApiError {
             body.to_string(),
         )
             .into_response();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            // A body over the limit is not read to its end, so the server closes the connection
+            // after this answer: say so, or a client may send its next request on it and lose it
+            // (as the build API does).
+            response
+                .headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
         response.extensions_mut().insert(ErrorKind(kind));
         response
     }

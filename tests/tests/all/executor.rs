@@ -195,6 +195,14 @@ async fn executor_routes_auth_and_bad_input() -> Result<()> {
         .json(&json!({"body": "x".repeat(20 * 1024 * 1024 + 1)}))
         .send()
         .await?;
+    // The rest of that body is never read: the answer says the connection ends.
+    ensure!(
+        res.headers()
+            .get("connection")
+            .is_some_and(|v| v == "close"),
+        "413 without connection: close: {:?}",
+        res.headers()
+    );
     expect_error(res, 413, "execution_bad_request").await?;
 
     ensure!(
