@@ -628,11 +628,22 @@ impl Executor {
         let spec = self.container_spec(runtime, params, for_execution);
         let id = match self.adapter.create(&spec).await {
             Err(hearth_adapters::Error::Conflict(_)) => {
-                // A container of a previous life of this executor holds the name: it is not in
-                // our table, so it is an orphan.
+                // A container not in our table holds the name: an orphan of a previous life of
+                // this executor, or of an attempt deleted while its container was being made
+                // (a build whose worker died), whose removal may still be under way. It goes;
+                // the name is free once the engine has finished removing it.
                 tracing::warn!(runtime = %runtime.name, "removing an orphan container holding the name");
-                let _ = self.adapter.remove(&runtime.name).await;
-                self.adapter.create(&spec).await?
+                let mut tries = 0;
+                loop {
+                    let _ = self.adapter.remove(&runtime.name).await;
+                    match self.adapter.create(&spec).await {
+                        Err(hearth_adapters::Error::Conflict(_)) if tries < NAME_TRIES => {
+                            tries += 1;
+                            tokio::time::sleep(Duration::from_millis(250)).await;
+                        }
+                        other => break other?,
+                    }
+                }
             }
             other => other?,
         };
@@ -921,6 +932,9 @@ impl Executor {
         self.runtimes.iter().map(|r| r.in_flight()).sum()
     }
 }
+
+/// Attempts to take a runtime's name back from a container being removed (250 ms apart).
+const NAME_TRIES: u32 = 20;
 
 async fn remove_container(adapter: &dyn Adapter, runtime: &Runtime) {
     if let Some(id) = runtime.container_id() {
