@@ -394,10 +394,8 @@ impl Balancer {
             let places = matches!(action, None | Some(Action::Execute));
             if places {
                 self.metrics.placement(placement);
-                if !id.is_empty() {
-                    // Known at once, so a build's log stream finds it while it runs.
-                    self.locations.insert(id.to_string(), upstream.clone());
-                }
+                // Known at once, so a build's log stream finds it while it runs.
+                self.remember(id, &upstream);
             }
             let sent = proxy::send(
                 &self.client,

@@ -6,26 +6,17 @@ use std::ops::Range;
 
 use bytes::Bytes;
 
-use super::super::service::ADDRESSING;
+use crate::proxy::HOP_BY_HOP;
+use crate::service::ADDRESSING;
 
 /// Headers a request or response head may carry on this path (more: the general path).
 pub const MAX_HEADERS: usize = 64;
 /// A head larger than this goes to the general path, which refuses it.
 pub const MAX_HEAD: usize = 64 * 1024;
 
-/// Headers that describe one hop, never forwarded (RFC 9110, 7.6.1).
+/// Whether `name` is a hop-by-hop header ([`HOP_BY_HOP`]).
 pub fn is_hop_by_hop(name: &str) -> bool {
-    const NAMES: [&str; 8] = [
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    ];
-    NAMES.iter().any(|n| n.eq_ignore_ascii_case(name))
+    HOP_BY_HOP.iter().any(|n| n.eq_ignore_ascii_case(name))
 }
 
 /// What a complete request head asks for.

@@ -254,10 +254,6 @@ async fn executions_go_as_bytes_and_the_connection_then_moves_to_the_general_pat
     );
     assert_eq!(calls.load(Ordering::SeqCst), 4);
     // `Connection: close` is honoured.
-    stream
-        .write_all(execution("fn-d", "Connection: close\r\n", "").as_bytes())
-        .await
-        .unwrap();
     let mut fresh = TcpStream::connect(addr).await.unwrap();
     fresh
         .write_all(execution("fn-d", "Connection: close\r\n", "").as_bytes())
