@@ -1,5 +1,7 @@
-//! Keep-alive HTTP/1.1 client connections, each driven by the task that uses it: the executor's
-//! calls to its runtimes and the balancer's calls to executors.
+//! Keep-alive HTTP/1.1 client connections, each driven by the task that uses it: the balancer's
+//! calls to executors on its general path. (The executor's calls to runtimes and the balancer's
+//! forwarded executions are written and read by hand, in `executor/src/invoke/conn.rs` and
+//! `balancer/src/wire/`.)
 //!
 //! hyper's pooled client runs every connection in a task of its own: a call hands its request to
 //! that task over a channel and sleeps until the task wakes it with the answer, and every chunk
@@ -12,7 +14,13 @@
 //!
 //! - [`Conn`]: one connection, the handle requests go in by and the state machine that moves them;
 //! - [`Shelf`]: idle connections by key, with an idle timeout and a cap per key;
-//! - [`Driven`]: the response body that keeps its connection moving and shelves it at its end.
+//! - [`Driven`]: the response body that keeps its connection moving and shelves it at its end;
+//! - [`Rewind`]: a server connection handed to hyper with the bytes already read from it (the
+//!   balancer's and the executor's own HTTP/1.1 paths).
+
+mod rewind;
+
+pub use rewind::Rewind;
 
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};

@@ -156,6 +156,13 @@ pub struct Config {
     #[arg(long, env = "OPR_EXECUTOR_RUNTIME_SOCKETS", default_value_t = true, action = clap::ArgAction::Set)]
     pub runtime_sockets: bool,
 
+    /// Serve executions on the executor's own HTTP/1.1 path (`api::wire`): the request head
+    /// parsed once, the reply written whole, no router or middleware. Every other route, and
+    /// any request that path does not take, goes to hyper and axum as before. `false`: all
+    /// requests go to hyper and axum.
+    #[arg(long, env = "OPR_EXECUTOR_FAST_PATH", default_value_t = true, action = clap::ArgAction::Set)]
+    pub fast_path: bool,
+
     /// Container platform for runtimes: `docker` or `swarm`.
     #[arg(
         long,
@@ -230,6 +237,7 @@ impl Config {
             shutdown_grace: 5,
             worker_threads: None,
             runtime_sockets: true,
+            fast_path: true,
             adapter: AdapterKind::Docker,
             pool: false,
             pool_min: 1,

@@ -64,6 +64,12 @@ pub async fn count_and_redact(
     State(executor): State<Arc<Executor>>,
     response: Response,
 ) -> Response {
+    finish(&executor, response)
+}
+
+/// What [`count_and_redact`] does to one response (the executor's own HTTP/1.1 path calls it
+/// directly).
+pub fn finish(executor: &Executor, response: Response) -> Response {
     let Some(ErrorKind(kind)) = response.extensions().get::<ErrorKind>().cloned() else {
         return response;
     };

@@ -5,6 +5,7 @@
 mod error;
 mod params;
 pub mod reply;
+pub mod wire;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -71,16 +72,20 @@ async fn require_key(
     request: Request,
     next: Next,
 ) -> Response {
-    let given = request
-        .headers()
+    if !authorized(&executor, request.headers()) {
+        return error::unauthorized().into_response();
+    }
+    next.run(request).await
+}
+
+/// Whether `headers` carry the executor's key.
+fn authorized(executor: &Executor, headers: &HeaderMap) -> bool {
+    let given = headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if !constant_time_eq(given.as_bytes(), executor.config.secret.as_bytes()) {
-        return error::unauthorized().into_response();
-    }
-    next.run(request).await
+    constant_time_eq(given.as_bytes(), executor.config.secret.as_bytes())
 }
 
 /// Compares a given key with the secret in time independent of where they differ; an empty
@@ -193,8 +198,24 @@ async fn execute(
 ) -> ApiResult {
     // The request's own headers, not the copy a `HeaderMap` extractor would make.
     let (parts, body) = request.into_parts();
-    let headers = parts.headers;
-    let fields = Fields::parse(&headers, read_body(body).await?).await?;
+    execution(
+        &executor,
+        runtime_id,
+        &parts.headers,
+        read_body(body).await?,
+    )
+    .await
+}
+
+/// One execution from its request's headers and whole body: the route's handler, and what the
+/// executor's own HTTP/1.1 path ([`wire`]) calls.
+pub(crate) async fn execution(
+    executor: &Arc<Executor>,
+    runtime_id: String,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    let fields = Fields::parse(headers, body).await?;
     let body = fields.bytes("body", MAX_BODY)?;
     let mut path = fields
         .string("path", 2048)?
@@ -244,7 +265,7 @@ async fn execute(
             cold_start,
         })
         .await?;
-    Ok(reply::render(result, &headers)?)
+    Ok(reply::render(result, headers)?)
 }
 
 #[derive(Debug, Deserialize)]

@@ -11,11 +11,10 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Method, Request};
-use http_body_util::Full;
+use http::Method;
 use serde_json::{json, Value};
 
-use conn::{Answer, Pool, SendError};
+use conn::{Answer, Outgoing, Pool, SendError};
 
 use hearth_adapters::Endpoint;
 
@@ -178,55 +177,50 @@ impl Invoker {
     }
 
     async fn call_v5(&self, call: Call<'_>) -> Result<Reply, InvokeError> {
-        let mut builder = Request::builder()
-            .method(call.method.clone())
-            .uri(call.path);
+        let mut request =
+            Outgoing::new(call.method.as_str(), call.path).map_err(|err| match err {
+                SendError::Failed(reason) => InvokeError::Protocol(reason),
+                other => classify(other),
+            })?;
         for (name, value) in call.headers {
-            if SKIPPED_REQUEST_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+            if SKIPPED_REQUEST_HEADERS
+                .iter()
+                .any(|skipped| skipped.eq_ignore_ascii_case(name))
+            {
                 continue;
             }
-            let (Ok(name), Ok(value)) = (
-                HeaderName::from_bytes(name.as_bytes()),
-                HeaderValue::from_str(value),
-            ) else {
-                continue;
-            };
-            builder = builder.header(name, value);
+            // A name or value that could not be sent as is, is left out.
+            request.header(name, value);
         }
         let timeout_secs = call.timeout.as_secs().max(1);
         let basic =
             base64::engine::general_purpose::STANDARD.encode(format!("opr:{}", call.secret));
-        let request = builder
-            .header("x-open-runtimes-secret", call.secret)
-            .header("x-open-runtimes-timeout", timeout_secs.to_string())
-            .header(
-                "x-open-runtimes-logging",
-                if call.logging { "enabled" } else { "disabled" },
-            )
-            .header("authorization", format!("Basic {basic}"))
-            .body(Full::new(call.body))
-            .map_err(|err| InvokeError::Protocol(format!("failed to build the request: {err}")))?;
-        let Answer { head, body } = self
+        request.header("x-open-runtimes-secret", call.secret);
+        request.header("x-open-runtimes-timeout", &timeout_secs.to_string());
+        request.header(
+            "x-open-runtimes-logging",
+            if call.logging { "enabled" } else { "disabled" },
+        );
+        request.header("authorization", &format!("Basic {basic}"));
+        let answer = self
             .pool
-            .send(call.target, request, MAX_RESPONSE_BYTES)
+            .send(call.target, request.body(call.body), MAX_RESPONSE_BYTES)
             .await
             .map_err(classify)?;
-        let status = head.status.as_u16();
-        let mut headers = Vec::with_capacity(head.headers.len());
+        let mut headers = Vec::with_capacity(answer.headers.len());
         let mut log_id = String::new();
-        for (name, value) in &head.headers {
-            let name = name.as_str();
-            let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+        for (name, value) in answer.headers {
             if name == "x-open-runtimes-log-id" {
                 log_id = value;
-            } else if !name.starts_with("x-open-runtimes-") && !HOP_BY_HOP.contains(&name) {
-                headers.push((name.to_string(), value));
+            } else if !name.starts_with("x-open-runtimes-") && !HOP_BY_HOP.contains(&name.as_str())
+            {
+                headers.push((name, value));
             }
         }
         Ok(Reply {
-            status,
+            status: answer.status,
             headers,
-            body,
+            body: answer.body,
             log_id,
             inline_logs: None,
         })
@@ -243,19 +237,22 @@ impl Invoker {
             "payload": String::from_utf8_lossy(&call.body),
             "headers": headers,
         });
-        let request = Request::builder()
-            .method(Method::POST)
-            .uri("/")
-            .header("content-type", "application/json")
-            .header("x-internal-challenge", call.secret)
-            .body(Full::new(Bytes::from(payload.to_string())))
-            .map_err(|err| InvokeError::Protocol(format!("failed to build the request: {err}")))?;
-        let Answer { head, body: bytes } = self
+        let mut request = Outgoing::new("POST", "/").map_err(classify)?;
+        request.header("content-type", "application/json");
+        request.header("x-internal-challenge", call.secret);
+        let Answer {
+            status,
+            body: bytes,
+            ..
+        } = self
             .pool
-            .send(call.target, request, MAX_RESPONSE_BYTES)
+            .send(
+                call.target,
+                request.body(Bytes::from(payload.to_string())),
+                MAX_RESPONSE_BYTES,
+            )
             .await
             .map_err(classify)?;
-        let status = head.status.as_u16();
         let parsed: Value = serde_json::from_slice(&bytes).map_err(|err| {
             InvokeError::Protocol(format!("the v2 runtime answered with invalid JSON: {err}"))
         })?;
@@ -299,18 +296,20 @@ impl Invoker {
             "env": env,
             "code": base64::engine::general_purpose::STANDARD.encode(code),
         });
-        let request = Request::post("/__hearth/specialise")
-            .header("content-type", "application/json")
-            .header("x-hearth-pool-secret", pool_secret)
-            .body(Full::new(Bytes::from(body.to_string())))
-            .map_err(|err| InvokeError::Protocol(format!("failed to build the request: {err}")))?;
+        let mut request = Outgoing::new("POST", "/__hearth/specialise").map_err(classify)?;
+        request.header("content-type", "application/json");
+        request.header("x-hearth-pool-secret", pool_secret);
+        let request = request.body(Bytes::from(body.to_string()));
         let answer = async {
-            let Answer { head, body: bytes } = self
+            let Answer {
+                status,
+                body: bytes,
+                ..
+            } = self
                 .pool
                 .send(target, request, 64 * 1024)
                 .await
                 .map_err(classify)?;
-            let status = head.status.as_u16();
             if status == 200 {
                 Ok(())
             } else {
@@ -330,7 +329,7 @@ impl Invoker {
     pub async fn wait_listening(&self, target: &Target, deadline: Instant) -> bool {
         let mut delay = Duration::from_millis(1);
         loop {
-            let Ok(request) = Request::get("/__opr/health").body(Full::new(Bytes::new())) else {
+            let Ok(request) = Outgoing::new("GET", "/__opr/health") else {
                 return false;
             };
             let attempt = tokio::time::timeout(

@@ -1036,3 +1036,129 @@ async fn executor_s3_storage() -> Result<()> {
     );
     Ok(())
 }
+
+/// Reads one response off a raw connection: status line and headers (lower-cased names) and
+/// the body by its length.
+async fn read_raw_response(
+    stream: &mut tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+) -> Result<(String, Vec<(String, String)>, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8(buf[..end].to_vec())?;
+            let mut lines = head.split("\r\n");
+            let status = lines.next().unwrap_or_default().to_string();
+            let headers: Vec<(String, String)> = lines
+                .filter_map(|l| l.split_once(':'))
+                .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+                .collect();
+            let length: usize = headers
+                .iter()
+                .find(|(n, _)| n == "content-length")
+                .map(|(_, v)| v.parse())
+                .context("no content-length")??;
+            while buf.len() < end + 4 + length {
+                let mut chunk = [0u8; 8192];
+                let n = stream.read(&mut chunk).await?;
+                ensure!(n > 0, "closed inside a body");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let body = buf[end + 4..end + 4 + length].to_vec();
+            buf.drain(..end + 4 + length);
+            return Ok((status, headers, body));
+        }
+        let mut chunk = [0u8; 8192];
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
+            .await
+            .context("no response within 10 s")??;
+        ensure!(n > 0, "the executor closed the connection");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// The executor's own HTTP/1.1 path (`api/wire.rs`) on one raw keep-alive connection:
+/// executions answered there (pipelined too), the key checked, and the connection handed to
+/// hyper and the router at the first other route, where executions still work.
+#[tokio::test]
+async fn executor_own_http_path_keeps_alive_and_hands_over() -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let ex = TestExecutor::start(Options::named("wire")).await?;
+    let address = ex.url.trim_start_matches("http://").to_string();
+    let mut stream = tokio::net::TcpStream::connect(&address).await?;
+    let mut buf = Vec::new();
+    let execution = |auth: bool| {
+        let auth = if auth {
+            format!("Authorization: Bearer {SECRET}\r\n")
+        } else {
+            String::new()
+        };
+        format!(
+            "POST /v1/runtimes/missing/executions HTTP/1.1\r\nHost: {address}\r\n{auth}Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
+        )
+    };
+    // Two executions in one write, then one without the key.
+    stream
+        .write_all(format!("{}{}{}", execution(true), execution(true), execution(false)).as_bytes())
+        .await?;
+    for want in [
+        "runtime_not_found",
+        "runtime_not_found",
+        "general_unauthorized",
+    ] {
+        let (status, headers, body) = read_raw_response(&mut stream, &mut buf).await?;
+        let body: Value = serde_json::from_slice(&body)?;
+        ensure!(body["type"] == want, "{status}: {body}");
+        let code = if want == "general_unauthorized" {
+            401
+        } else {
+            404
+        };
+        ensure!(status.starts_with(&format!("HTTP/1.1 {code} ")), "{status}");
+        ensure!(
+            headers.iter().any(|(n, _)| n == "date"),
+            "no date: {headers:?}"
+        );
+        ensure!(
+            !headers.iter().any(|(n, _)| n == "connection"),
+            "keep-alive is the default: {headers:?}"
+        );
+    }
+    // Another route: hyper and the router take the connection over, executions included.
+    stream
+        .write_all(format!("GET /v1/health HTTP/1.1\r\nHost: {address}\r\n\r\n").as_bytes())
+        .await?;
+    let (status, _, body) = read_raw_response(&mut stream, &mut buf).await?;
+    ensure!(
+        status.starts_with("HTTP/1.1 200") && body == b"OK",
+        "{status}"
+    );
+    stream.write_all(execution(true).as_bytes()).await?;
+    let (status, _, body) = read_raw_response(&mut stream, &mut buf).await?;
+    let body: Value = serde_json::from_slice(&body)?;
+    ensure!(
+        status.starts_with("HTTP/1.1 404") && body["type"] == "runtime_not_found",
+        "{status}: {body}"
+    );
+    // `Connection: close` is honoured on the own path.
+    let mut closing = tokio::net::TcpStream::connect(&address).await?;
+    let request = execution(true).replace("Host:", "Connection: close\r\nHost:");
+    closing.write_all(request.as_bytes()).await?;
+    let mut rest = Vec::new();
+    let (status, headers, _) = read_raw_response(&mut closing, &mut rest).await?;
+    ensure!(status.starts_with("HTTP/1.1 404"), "{status}");
+    ensure!(
+        headers
+            .iter()
+            .any(|(n, v)| n == "connection" && v == "close"),
+        "{headers:?}"
+    );
+    let mut after = [0u8; 16];
+    let n = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut closing, &mut after),
+    )
+    .await??;
+    ensure!(n == 0, "the connection stayed open after Connection: close");
+    Ok(())
+}
