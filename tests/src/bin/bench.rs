@@ -25,7 +25,9 @@
 //! engine is made a single-node swarm for it if it is in none.
 //!
 //! Usage: `bench [--runtimes node,python] [--duration SECS] [--starts N] [--executor true|false]
-//! [--balancer true|false] [--builds true|false] [--pools true|false] [--swarm true|false]`
+//! [--balancer true|false] [--builds true|false] [--pools true|false] [--swarm true|false]
+//! [--baseline IMAGE]`; `--baseline` adds an executor of another image (an earlier build) to the
+//! executor section's 32-connection rounds, for a before/after in the same run.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -39,7 +41,7 @@ const SECRET: &str = "bench-secret-key";
 
 const USAGE: &str = "usage: bench [--runtimes node,python,wasm] [--duration SECS] [--starts N] \
 [--executor true|false] [--balancer true|false] [--builds true|false] [--pools true|false] \
-[--swarm true|false]";
+[--swarm true|false] [--baseline EXECUTOR_IMAGE]";
 
 struct Args {
     runtimes: Vec<RuntimeImage>,
@@ -50,6 +52,8 @@ struct Args {
     builds: bool,
     pools: bool,
     swarm: bool,
+    /// An executor image to measure beside `hearth/executor:latest` in the executor section.
+    baseline: Option<String>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -62,6 +66,7 @@ fn parse_args() -> Result<Args> {
         builds: true,
         pools: true,
         swarm: true,
+        baseline: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -93,6 +98,7 @@ fn parse_args() -> Result<Args> {
             "--builds" => args.builds = value.parse().context("--builds")?,
             "--pools" => args.pools = value.parse().context("--pools")?,
             "--swarm" => args.swarm = value.parse().context("--swarm")?,
+            "--baseline" => args.baseline = Some(value.to_string()),
             other => bail!("unknown flag {other}\n{USAGE}"),
         }
     }
@@ -536,9 +542,43 @@ mod executor_bench {
         start_executor_for(network, network, storage, runtimes, tag, env).await
     }
 
+    /// [`start_executor`] from another image than `hearth/executor:latest`.
+    pub(super) async fn start_executor_image(
+        image: &str,
+        network: &str,
+        storage: &std::path::Path,
+        runtimes: &std::path::Path,
+        tag: &str,
+        env: &[(&str, &str)],
+    ) -> Result<ExecutorContainer> {
+        start_executor_from(image, network, network, storage, runtimes, tag, env).await
+    }
+
     /// [`start_executor`] with its runtimes on `runtimes_network` (e.g. a Swarm overlay network),
     /// which the executor joins besides the bench network the client reaches it on.
     pub(super) async fn start_executor_for(
+        network: &str,
+        runtimes_network: &str,
+        storage: &std::path::Path,
+        runtimes: &std::path::Path,
+        tag: &str,
+        env: &[(&str, &str)],
+    ) -> Result<ExecutorContainer> {
+        let image = "hearth/executor:latest";
+        start_executor_from(
+            image,
+            network,
+            runtimes_network,
+            storage,
+            runtimes,
+            tag,
+            env,
+        )
+        .await
+    }
+
+    async fn start_executor_from(
+        image: &str,
         network: &str,
         runtimes_network: &str,
         storage: &std::path::Path,
@@ -566,7 +606,7 @@ mod executor_bench {
             .args(["-e", "OPR_EXECUTOR_MAX_RUNTIMES=200"])
             .args(["-e", "OPR_EXECUTOR_INACTIVE_THRESHOLD=3600"])
             .args(extra.iter().flat_map(|e| ["-e", e.as_str()]))
-            .arg("hearth/executor:latest")
+            .arg(image)
             .output()
             .context("failed to create the executor container (make executor-image)")?;
         if !output.status.success() {
@@ -799,6 +839,20 @@ mod executor_bench {
         )
         .await?;
         execute(&client, &tcp_executor.url, "warm", &params).await?;
+        // An earlier build of the executor (`--baseline`), for a before/after in one run.
+        let baseline = match &args.baseline {
+            Some(image) => {
+                let env = [("OPR_EXECUTOR_POOL", "false")];
+                let started =
+                    start_executor_image(image, network, &storage, &runtimes, "base", &env).await?;
+                execute(&client, &started.url, "warm", &params).await?;
+                Some(started)
+            }
+            None => None,
+        };
+        let baseline_url = baseline
+            .as_ref()
+            .map(|b| format!("{}/v1/runtimes/warm/executions", b.url));
         let direct_server = Server::start(&docker, rt.image, &built.archive, &options).await?;
         let direct_url = format!("{}/", direct_server.url);
         let lua = execution_lua(EXECUTOR_SECRET);
@@ -845,15 +899,20 @@ mod executor_bench {
         let boxed_cpu = || cpu_ns(&boxed_nginx.id);
         // Each path: its URL, its wrk script, and the CPU (ns) its proxy has used so far.
         type CpuNs<'a> = &'a dyn Fn() -> Option<u64>;
-        let paths: [(&str, &String, CpuNs); 5] = [
+        let baseline_cpu = || cpu_ns(&baseline.as_ref()?.container.id);
+        let mut paths: Vec<(&str, &String, CpuNs)> = vec![
             (&direct_url, &plain, &no_proxy),
             (&through_url, &lua, &executor_cpu),
             (&tcp_url, &lua, &tcp_cpu),
             (&nginx_url, &plain, &nginx_cpu),
             (&boxed_url, &plain, &boxed_cpu),
         ];
-        let mut loads: [Vec<Load>; 5] = Default::default();
-        let mut cpus: [Vec<f64>; 5] = Default::default();
+        if let Some(url) = &baseline_url {
+            wrk_with(url, 4, 1, &lua)?;
+            paths.push((url, &lua, &baseline_cpu));
+        }
+        let mut loads: Vec<Vec<Load>> = vec![Vec::new(); paths.len()];
+        let mut cpus: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
         let mut system_shares = Vec::new();
         for _ in 0..ROUNDS {
             for (i, (url, script, cpu)) in paths.iter().enumerate() {
@@ -887,10 +946,30 @@ mod executor_bench {
             .zip(&loads[0])
             .map(|(through, direct)| 100.0 * through.rps / direct.rps)
             .collect();
-        let [direct_32, through_32, through_tcp_32, nginx_32, boxed_32] =
-            loads.each_ref().map(|rounds| median_load(rounds));
-        let [_, executor_cpu_us, tcp_executor_cpu_us, nginx_cpu_us, boxed_cpu_us] =
-            cpus.each_ref().map(|rounds| median_of(rounds));
+        let medians: Vec<Load> = loads.iter().map(|rounds| median_load(rounds)).collect();
+        let cpu_medians: Vec<f64> = cpus.iter().map(|rounds| median_of(rounds)).collect();
+        let (direct_32, through_32, through_tcp_32, nginx_32, boxed_32) = (
+            &medians[0],
+            &medians[1],
+            &medians[2],
+            &medians[3],
+            &medians[4],
+        );
+        let (executor_cpu_us, tcp_executor_cpu_us, nginx_cpu_us, boxed_cpu_us) = (
+            cpu_medians[1],
+            cpu_medians[2],
+            cpu_medians[3],
+            cpu_medians[4],
+        );
+        let baseline_32 = baseline.as_ref().map(|_| {
+            let shares: Vec<f64> = loads[5]
+                .iter()
+                .zip(&loads[0])
+                .map(|(through, direct)| 100.0 * through.rps / direct.rps)
+                .collect();
+            (medians[5].rps, cpu_medians[5], shares)
+        });
+        drop(baseline);
         let executor_system_share = median_of(&system_shares);
 
         // RSS with 50 warm runtimes (the cold-start ones and "warm" count).
@@ -935,6 +1014,13 @@ mod executor_bench {
             100.0 * through_tcp_32.rps / direct_32.rps,
             tcp_executor_cpu_us,
         );
+        if let (Some(image), Some((rps, cpu, shares))) = (&args.baseline, &baseline_32) {
+            println!(
+                "executor (node hello)   warm 32 conn: baseline executor {image} {rps:.0} req/s ({:.0} % of direct; rounds {}), executor CPU {cpu:.0} µs/request",
+                100.0 * rps / direct_32.rps,
+                shares.iter().map(|s| format!("{s:.0} %")).collect::<Vec<_>>().join(" / "),
+            );
+        }
         println!(
             "executor (node hello)   warm 32 conn: nginx in front of the same runtime {:.0} req/s ({:.0} % of direct), nginx CPU {:.0} µs/request: the reference for any proxy here",
             nginx_32.rps,
@@ -969,7 +1055,10 @@ mod executor_bench {
             "warm_c32": {"direct_rps": direct_32.rps, "through_rps": through_32.rps, "nginx_rps": nginx_32.rps, "executor_cpu_us_per_request": executor_cpu_us,
                 "executor_system_share": executor_system_share, "nginx_cpu_us_per_request": nginx_cpu_us,
                 "nginx_container_rps": boxed_32.rps, "nginx_container_cpu_us_per_request": boxed_cpu_us,
-                "through_tcp_rps": through_tcp_32.rps, "tcp_executor_cpu_us_per_request": tcp_executor_cpu_us},
+                "through_tcp_rps": through_tcp_32.rps, "tcp_executor_cpu_us_per_request": tcp_executor_cpu_us,
+                "baseline": baseline_32.as_ref().map(|(rps, cpu, shares)| json!({"image": args.baseline, "rps": rps, "cpu_us_per_request": cpu, "share_rounds": shares})),
+                "rps_rounds": loads.iter().map(|rounds| rounds.iter().map(|l| l.rps).collect::<Vec<_>>()).collect::<Vec<_>>(),
+                "cpu_us_rounds": cpus},
             "cold_start_ms": {"through_p50": percentile(&cold, 50.0), "through_max": percentile(&cold, 100.0),
                 "raw_docker_p50": percentile(&raw, 50.0), "raw_create_p50": percentile(&raw_create, 50.0),
                 "through_samples": cold, "raw_samples": raw},
