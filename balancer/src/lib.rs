@@ -31,10 +31,8 @@ pub mod wire;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
 
 pub use config::Config;
 pub use error::Error;
@@ -64,37 +62,15 @@ pub async fn run(
     balancer.refresh().await;
     let discovery = tokio::spawn(balancer.clone().discovery_loop());
     let probes = tokio::spawn(balancer.clone().probe_loop());
-    let (stop, stopping) = watch::channel(false);
-    // Every connection holds a sender; when the last is gone, all have ended.
-    let (live, mut drained) = mpsc::channel::<()>(1);
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = &mut shutdown => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let (balancer, stopping, live) = (balancer.clone(), stopping.clone(), live.clone());
-        tokio::spawn(async move {
-            wire::serve(balancer, stream, stopping).await;
-            drop(live);
-        });
-    }
-    drop(listener);
-    let _ = stop.send(true);
-    drop(live);
-    if tokio::time::timeout(balancer.config.shutdown_grace(), drained.recv())
-        .await
-        .is_err()
-    {
+    let serving = balancer.clone();
+    let drained = hearth_conn::server::accept_until(
+        listener,
+        shutdown,
+        balancer.config.shutdown_grace(),
+        move |stream, stopping| wire::serve(serving.clone(), stream, stopping),
+    )
+    .await;
+    if !drained {
         tracing::warn!("calls still in flight at the end of the shutdown grace");
     }
     discovery.abort();

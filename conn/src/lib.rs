@@ -16,9 +16,12 @@
 //! - [`Shelf`]: idle connections by key, with an idle timeout and a cap per key;
 //! - [`Driven`]: the response body that keeps its connection moving and shelves it at its end;
 //! - [`Rewind`]: a server connection handed to hyper with the bytes already read from it (the
-//!   balancer's and the executor's own HTTP/1.1 paths).
+//!   balancer's and the executor's own HTTP/1.1 paths);
+//! - [`server`]: the accept loop with its drain, and the hand-over to hyper's server, both shared
+//!   by the balancer and the executor.
 
 mod rewind;
+pub mod server;
 
 pub use rewind::Rewind;
 

@@ -68,45 +68,17 @@ pub async fn run(
     let maintenance = tokio::spawn(executor.clone().maintenance_loop(stop_rx.clone()));
     let pools = tokio::spawn(executor.clone().pool_loop(stop_rx));
     let app = api::router(executor.clone());
-    // Every connection holds a sender; when the last is gone, all have ended.
-    let (live, mut drained) = tokio::sync::mpsc::channel::<()>(1);
-    let (stop_conns, stopping) = tokio::sync::watch::channel(false);
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        // Replies are written whole; do not let Nagle hold the last segment back.
-        let _ = stream.set_nodelay(true);
-        let (executor, app, stopping, live) = (
-            executor.clone(),
-            app.clone(),
-            stopping.clone(),
-            live.clone(),
-        );
-        tokio::spawn(async move {
-            api::wire::serve(executor, app, stream, stopping).await;
-            drop(live);
-        });
-    }
-    drop(listener);
-    // Idle connections close now; one with a call in flight closes after its reply.
-    let _ = stop_conns.send(true);
-    drop(live);
     let grace = Instant::now() + Duration::from_secs(executor.config.shutdown_grace);
-    if tokio::time::timeout_at(grace.into(), drained.recv())
-        .await
-        .is_err()
-    {
+    // Idle connections close at shutdown; one with a call in flight closes after its reply.
+    let serving = executor.clone();
+    let drained = hearth_conn::server::accept_until(
+        listener,
+        shutdown,
+        Duration::from_secs(executor.config.shutdown_grace),
+        move |stream, stopping| api::wire::serve(serving.clone(), app.clone(), stream, stopping),
+    )
+    .await;
+    if !drained {
         tracing::warn!("client connections still open at the end of the shutdown grace");
     }
     let _ = stop_tx.send(true);

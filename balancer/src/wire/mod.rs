@@ -23,10 +23,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
-use hearth_conn::Rewind;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioTimer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -114,7 +113,7 @@ async fn general(
     balancer: Arc<Balancer>,
     client: TcpStream,
     read: Bytes,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -124,19 +123,7 @@ async fn general(
         let serving = balancer.clone();
         async move { Ok::<_, Infallible>(serving.handle(request).await) }
     });
-    let io = TokioIo::new(Rewind::new(read, client));
-    let connection = http.serve_connection(io, service);
-    tokio::pin!(connection);
-    let ended = tokio::select! {
-        ended = connection.as_mut() => ended,
-        _ = shutdown.changed() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
-        }
-    };
-    if let Err(err) = ended {
-        tracing::debug!(error = %err, "client connection ended with an error");
-    }
+    hearth_conn::server::serve_rest(&http, client, read, service, shutdown).await;
 }
 
 /// One execution to the executor holding its runtime (else its home); a refused connect tries

@@ -6,7 +6,7 @@
 //!
 //! At the first request this path does not take (any other route, a query string or an escaped
 //! runtime id, a chunked or oversized body, HTTP/1.0, `Expect`, `Upgrade`, a malformed head) the
-//! connection, with what was already read ([`Rewind`]), goes to hyper's server and the axum
+//! connection, with what was already read (`hearth_conn::Rewind`), goes to hyper's server and the axum
 //! router for good, so every other route and every refusal behaves exactly as there.
 //!
 //! Both paths keep the same rules: Bearer auth, the same replies and error JSON, the same metrics
@@ -24,13 +24,10 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body_util::BodyExt;
 use hyper::server::conn::http1;
-use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-
-use hearth_conn::Rewind;
 
 use super::{error, ApiError, MAX_REQUEST};
 use crate::error::Error;
@@ -157,22 +154,11 @@ async fn read_head(
 }
 
 /// The rest of the connection on hyper's server and the axum router, starting with `read`.
-async fn general(app: Router, stream: TcpStream, read: Bytes, mut shutdown: watch::Receiver<bool>) {
-    let io = TokioIo::new(Rewind::new(read, stream));
-    let connection = http1::Builder::new()
-        .keep_alive(true)
-        .serve_connection(io, TowerToHyperService::new(app));
-    tokio::pin!(connection);
-    let ended = tokio::select! {
-        ended = connection.as_mut() => ended,
-        _ = shutdown.changed() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
-        }
-    };
-    if let Err(err) = ended {
-        tracing::debug!(error = %err, "client connection ended with an error");
-    }
+async fn general(app: Router, stream: TcpStream, read: Bytes, shutdown: watch::Receiver<bool>) {
+    let mut http = http1::Builder::new();
+    http.keep_alive(true);
+    let service = TowerToHyperService::new(app);
+    hearth_conn::server::serve_rest(&http, stream, read, service, shutdown).await;
 }
 
 /// Parses the head at the start of `buf`: `None` while incomplete (and within [`MAX_HEAD`]).
