@@ -176,6 +176,8 @@ pub fn response(buf: &[u8], close: bool) -> Result<Option<Response>, String> {
     let status = parsed.code.unwrap_or(0);
     let mut length = None;
     let mut chunked = false;
+    // A transfer coding other than chunked last: the body ends with the connection.
+    let mut encoded = false;
     let mut upstream_close = parsed.version != Some(1);
     let mut head = Vec::with_capacity(head_len + 32);
     head.extend_from_slice(b"HTTP/1.1 ");
@@ -188,6 +190,7 @@ pub fn response(buf: &[u8], close: bool) -> Result<Option<Response>, String> {
         if name.eq_ignore_ascii_case("transfer-encoding") {
             let value = header.value.trim_ascii();
             chunked = value.len() >= 7 && value[value.len() - 7..].eq_ignore_ascii_case(b"chunked");
+            encoded = true;
             continue;
         }
         if name.eq_ignore_ascii_case("connection") {
@@ -206,6 +209,8 @@ pub fn response(buf: &[u8], close: bool) -> Result<Option<Response>, String> {
                 return Err("conflicting content-length in the response".into());
             }
             length = Some(value);
+            // Written after the loop, only where it frames the body the client gets.
+            continue;
         }
         if is_hop_by_hop(name) {
             continue;
@@ -215,12 +220,21 @@ pub fn response(buf: &[u8], close: bool) -> Result<Option<Response>, String> {
         head.extend_from_slice(header.value);
         head.extend_from_slice(b"\r\n");
     }
-    let framing = match (status, chunked, length) {
+    // A transfer coding overrides a length (RFC 9112 §6.3): the length is not passed on then.
+    let framing = match (status, encoded, length) {
         (100..=199 | 204 | 304, _, _) => Framing::Empty,
-        (_, true, _) => Framing::Chunked,
+        (_, true, _) if chunked => Framing::Chunked,
         (_, false, Some(n)) => Framing::Length(n),
-        (_, false, None) => Framing::UntilClose,
+        _ => Framing::UntilClose,
     };
+    match (framing, length) {
+        (Framing::Length(n), _) | (Framing::Empty, Some(n)) => {
+            head.extend_from_slice(b"content-length: ");
+            head.extend_from_slice(n.to_string().as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        _ => {}
+    }
     if status == 101 {
         return Err("the executor switched protocols on an execution".into());
     }
@@ -429,6 +443,22 @@ mod tests {
         assert_eq!(r.framing, Framing::UntilClose);
         assert!(!r.reusable);
         assert!(response(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", false).is_err());
+        // Chunked with a length too: chunked frames the body, the length is not passed on.
+        let raw =
+            b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nTransfer-Encoding: chunked\r\nx-a: 1\r\n\r\n";
+        let r = response(raw, false).unwrap().unwrap();
+        assert_eq!(r.framing, Framing::Chunked);
+        assert_eq!(
+            String::from_utf8(r.head).unwrap(),
+            "HTTP/1.1 200 OK\r\nx-a: 1\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        // Another transfer coding: until the close, no length either.
+        let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nTransfer-Encoding: gzip\r\n\r\n";
+        let r = response(raw, false).unwrap().unwrap();
+        assert_eq!(r.framing, Framing::UntilClose);
+        assert!(!String::from_utf8(r.head)
+            .unwrap()
+            .contains("content-length"));
         assert!(response(b"HTTP/1.1 200 OK\r\n", false).unwrap().is_none());
     }
 
