@@ -313,11 +313,24 @@ impl Network {
 }
 
 impl Drop for Network {
+    /// Removes the network, retrying for up to 10 s: a container removed just before (a runtime
+    /// an executor created late, an endpoint the engine is still releasing) can hold it a moment.
     fn drop(&mut self) {
-        let _ = std::process::Command::new("docker")
-            .args(["network", "rm", &self.name])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status();
+        let docker = |args: &[&str]| {
+            std::process::Command::new("docker")
+                .args(args)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|status| status.success())
+        };
+        for _ in 0..20 {
+            if docker(&["network", "rm", &self.name])
+                || !docker(&["network", "inspect", &self.name])
+            {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
     }
 }
