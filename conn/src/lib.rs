@@ -13,25 +13,26 @@
 //! when it is taken out, and a request that never left is sent again on a new connection.
 //!
 //! - [`Conn`]: one connection, the handle requests go in by and the state machine that moves them;
-//! - [`Shelf`]: idle connections by key, with an idle timeout and a cap per key;
+//! - [`Shelf`]: idle connections by key ([`Idle`]: an idle timeout and a cap per key);
 //! - [`Driven`]: the response body that keeps its connection moving and shelves it at its end;
 //! - [`Rewind`]: a server connection handed to hyper with the bytes already read from it (the
 //!   balancer's and the executor's own HTTP/1.1 paths);
 //! - [`server`]: the accept loop with its drain, and the hand-over to hyper's server, both shared
 //!   by the balancer and the executor.
 
+mod idle;
 mod rewind;
 pub mod server;
 
+pub use idle::Idle;
 pub use rewind::Rewind;
 
-use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::hash::Hash;
 use std::pin::{pin, Pin};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
@@ -161,34 +162,13 @@ pub enum SendError<E> {
     Failed(hyper::Error),
 }
 
-struct Idle<IO, B>
-where
-    IO: Read + Write + Unpin + Send + 'static,
-    B: Body + 'static,
-{
-    conn: Conn<IO, B>,
-    since: Instant,
-}
-
 /// Idle connections by key (a peer): at most `max_per_key` each, none older than `idle_timeout`.
 pub struct Shelf<K, IO, B>
 where
     IO: Read + Write + Unpin + Send + 'static,
     B: Body + 'static,
 {
-    idle: Mutex<Rack<K, IO, B>>,
-    idle_timeout: Duration,
-    max_per_key: usize,
-}
-
-struct Rack<K, IO, B>
-where
-    IO: Read + Write + Unpin + Send + 'static,
-    B: Body + 'static,
-{
-    conns: HashMap<K, Vec<Idle<IO, B>>>,
-    /// When connections past their time were last closed (and the keys of peers that went).
-    swept: Option<Instant>,
+    idle: Idle<K, Conn<IO, B>>,
 }
 
 impl<K, IO, B> Shelf<K, IO, B>
@@ -201,12 +181,7 @@ where
 {
     pub fn new(idle_timeout: Duration, max_per_key: usize) -> Self {
         Self {
-            idle: Mutex::new(Rack {
-                conns: HashMap::new(),
-                swept: None,
-            }),
-            idle_timeout,
-            max_per_key,
+            idle: Idle::new(idle_timeout, max_per_key),
         }
     }
 
@@ -241,45 +216,14 @@ where
     }
 
     fn checkout(&self, key: &K) -> Option<Conn<IO, B>> {
-        loop {
-            let mut idle = {
-                let mut rack = self
-                    .idle
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
-                rack.conns.get_mut(key)?.pop()?
-            };
-            if idle.since.elapsed() < self.idle_timeout && idle.conn.refresh() {
-                return Some(idle.conn);
-            }
-        }
+        self.idle.take(key, Conn::refresh)
     }
 
     /// Puts a connection whose last response was read whole back on the shelf (if it is open
     /// and there is room).
     pub fn checkin(&self, key: &K, mut conn: Conn<IO, B>) {
-        if !conn.refresh() {
-            return;
-        }
-        let mut rack = self
-            .idle
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let now = Instant::now();
-        if rack.swept.is_none_or(|at| now - at >= self.idle_timeout) {
-            rack.swept = Some(now);
-            let timeout = self.idle_timeout;
-            rack.conns.retain(|_, conns| {
-                conns.retain(|c| now - c.since < timeout);
-                !conns.is_empty()
-            });
-        }
-        let conns = match rack.conns.get_mut(key) {
-            Some(conns) => conns,
-            None => rack.conns.entry(key.clone()).or_default(),
-        };
-        if conns.len() < self.max_per_key {
-            conns.push(Idle { conn, since: now });
+        if conn.refresh() {
+            self.idle.put(key, conn);
         }
     }
 }

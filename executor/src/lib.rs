@@ -68,16 +68,14 @@ pub async fn run(
     let maintenance = tokio::spawn(executor.clone().maintenance_loop(stop_rx.clone()));
     let pools = tokio::spawn(executor.clone().pool_loop(stop_rx));
     let app = api::router(executor.clone());
-    let grace = Instant::now() + Duration::from_secs(executor.config.shutdown_grace);
+    let grace = Duration::from_secs(executor.config.shutdown_grace);
     // Idle connections close at shutdown; one with a call in flight closes after its reply.
     let serving = executor.clone();
-    let drained = hearth_conn::server::accept_until(
-        listener,
-        shutdown,
-        Duration::from_secs(executor.config.shutdown_grace),
-        move |stream, stopping| api::wire::serve(serving.clone(), app.clone(), stream, stopping),
-    )
-    .await;
+    let drained =
+        hearth_conn::server::accept_until(listener, shutdown, grace, move |stream, stopping| {
+            api::wire::serve(serving.clone(), app.clone(), stream, stopping)
+        })
+        .await;
     if !drained {
         tracing::warn!("client connections still open at the end of the shutdown grace");
     }
@@ -85,7 +83,9 @@ pub async fn run(
     let _ = maintenance.await;
     // Idle pool members go with the executor (a restarted one would remove them anyway).
     let _ = pools.await;
-    while executor.in_flight_total() > 0 && Instant::now() < grace {
+    // Executions the connections' drain did not wait for (a client that went away mid-call).
+    let deadline = Instant::now() + grace;
+    while executor.in_flight_total() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(())

@@ -9,15 +9,14 @@
 //! either side. When the socket is missing or refuses (an image without the extension, a server
 //! not listening on it yet), a new connection goes over TCP instead.
 
-use std::collections::HashMap;
 use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
+use hearth_conn::Idle;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
@@ -60,11 +59,11 @@ pub struct Outgoing {
 
 impl Outgoing {
     /// A request for `path` (origin form; refused when it holds anything but visible ASCII).
-    pub fn new(method: &str, path: &str) -> Result<Self, SendError> {
+    pub fn new(method: &str, path: &str) -> Result<Self, String> {
         if !path.starts_with('/') || !path.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(SendError::Failed(format!(
+            return Err(format!(
                 "invalid request path {path:?}: it must start with / and hold only visible ASCII"
-            )));
+            ));
         }
         let mut head = Vec::with_capacity(512);
         head.extend_from_slice(method.as_bytes());
@@ -136,24 +135,21 @@ struct Conn {
     buf: BytesMut,
 }
 
-struct Idle {
-    conn: Conn,
-    since: Instant,
-}
-
-#[derive(Default)]
-struct Shelf {
-    conns: HashMap<Target, Vec<Idle>>,
-    /// When connections past their time were last closed (and the keys of runtimes that went).
-    swept: Option<Instant>,
-}
-
-#[derive(Default)]
 pub struct Pool {
-    idle: Mutex<Shelf>,
+    idle: Idle<Target, Conn>,
     /// Requests answered, over a Unix socket and over TCP.
     answered_unix: AtomicU64,
     answered_tcp: AtomicU64,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Self {
+            idle: Idle::new(IDLE_TIMEOUT, MAX_IDLE_PER_RUNTIME),
+            answered_unix: AtomicU64::new(0),
+            answered_tcp: AtomicU64::new(0),
+        }
+    }
 }
 
 impl Pool {
@@ -176,7 +172,7 @@ impl Pool {
     ) -> Result<Answer, SendError> {
         let (head, body, head_only) = request.finish(&target.endpoint.to_string());
         let mut conn = loop {
-            let Some(mut conn) = self.checkout(target) else {
+            let Some(mut conn) = self.idle.take(target, |conn| conn.stream.is_quiet()) else {
                 let mut conn = connect(target).await?;
                 conn.write(&head, &body).await.map_err(|err| {
                     SendError::Connect(format!("the runtime closed the connection: {err}"))
@@ -194,42 +190,20 @@ impl Pool {
         };
         answered.fetch_add(1, Ordering::Relaxed);
         if reusable && conn.buf.is_empty() {
-            self.checkin(target, conn);
+            self.idle.put(target, conn);
         }
         Ok(answer)
     }
+}
 
-    /// An idle connection of `target` that is still open and quiet.
-    fn checkout(&self, target: &Target) -> Option<Conn> {
-        loop {
-            let idle = {
-                let mut shelf = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-                shelf.conns.get_mut(target)?.pop()?
-            };
-            if idle.since.elapsed() < IDLE_TIMEOUT && idle.conn.stream.is_quiet() {
-                return Some(idle.conn);
-            }
-        }
-    }
-
-    fn checkin(&self, target: &Target, conn: Conn) {
-        let mut shelf = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        if shelf.swept.is_none_or(|at| now - at >= IDLE_TIMEOUT) {
-            shelf.swept = Some(now);
-            shelf.conns.retain(|_, conns| {
-                conns.retain(|c| now - c.since < IDLE_TIMEOUT);
-                !conns.is_empty()
-            });
-        }
-        let conns = match shelf.conns.get_mut(target) {
-            Some(conns) => conns,
-            None => shelf.conns.entry(target.clone()).or_default(),
-        };
-        if conns.len() < MAX_IDLE_PER_RUNTIME {
-            conns.push(Idle { conn, since: now });
-        }
-    }
+/// A response head, parsed.
+struct Head {
+    status: u16,
+    /// Lower-cased names, in order.
+    headers: Vec<(String, String)>,
+    framing: Framing,
+    /// The connection can carry another request after this response.
+    reusable: bool,
 }
 
 /// How a response body ends.
@@ -278,9 +252,9 @@ impl Conn {
         head_only: bool,
         max_body: usize,
     ) -> Result<(Answer, bool), SendError> {
-        let (status, headers, framing, reusable) = loop {
+        let head = loop {
             if let Some(head) = self.parse_head(head_only)? {
-                if (100..200).contains(&head.0) {
+                if (100..200).contains(&head.status) {
                     continue;
                 }
                 break head;
@@ -292,7 +266,7 @@ impl Conn {
             }
             self.fill().await?;
         };
-        let body = match framing {
+        let body = match head.framing {
             Framing::None => Bytes::new(),
             Framing::Length(length) => {
                 if length > max_body {
@@ -319,21 +293,16 @@ impl Conn {
                 self.buf.split().freeze()
             }
         };
-        let reusable = reusable && !matches!(framing, Framing::UntilClose);
         let answer = Answer {
-            status,
-            headers,
+            status: head.status,
+            headers: head.headers,
             body,
         };
-        Ok((answer, reusable))
+        Ok((answer, head.reusable))
     }
 
     /// Parses a complete response head at the start of the buffer and takes it out.
-    #[allow(clippy::type_complexity)]
-    fn parse_head(
-        &mut self,
-        head_only: bool,
-    ) -> Result<Option<(u16, Vec<(String, String)>, Framing, bool)>, SendError> {
+    fn parse_head(&mut self, head_only: bool) -> Result<Option<Head>, SendError> {
         let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut parsed = httparse::Response::new(&mut raw);
         let head_len = match parsed.parse(&self.buf) {
@@ -346,7 +315,7 @@ impl Conn {
             }
         };
         let status = parsed.code.unwrap_or(0);
-        let mut reusable = parsed.version == Some(1);
+        let mut keep_alive = parsed.version == Some(1);
         let mut length: Option<usize> = None;
         let mut chunked = false;
         // A transfer coding other than chunked last: the body ends with the connection.
@@ -371,10 +340,9 @@ impl Conn {
                         .next()
                         .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
                     encoded = true;
-                    reusable &= chunked;
                 }
                 "connection" => {
-                    reusable &= !value
+                    keep_alive &= !value
                         .split(',')
                         .any(|token| token.trim().eq_ignore_ascii_case("close"));
                 }
@@ -394,7 +362,12 @@ impl Conn {
         } else {
             Framing::UntilClose
         };
-        Ok(Some((status, headers, framing, reusable)))
+        Ok(Some(Head {
+            status,
+            headers,
+            reusable: keep_alive && !matches!(framing, Framing::UntilClose),
+            framing,
+        }))
     }
 
     /// Reads and decodes a chunked body, trailers dropped.

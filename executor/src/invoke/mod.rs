@@ -178,10 +178,7 @@ impl Invoker {
 
     async fn call_v5(&self, call: Call<'_>) -> Result<Reply, InvokeError> {
         let mut request =
-            Outgoing::new(call.method.as_str(), call.path).map_err(|err| match err {
-                SendError::Failed(reason) => InvokeError::Protocol(reason),
-                other => classify(other),
-            })?;
+            Outgoing::new(call.method.as_str(), call.path).map_err(InvokeError::Protocol)?;
         for (name, value) in call.headers {
             if SKIPPED_REQUEST_HEADERS
                 .iter()
@@ -237,7 +234,7 @@ impl Invoker {
             "payload": String::from_utf8_lossy(&call.body),
             "headers": headers,
         });
-        let mut request = Outgoing::new("POST", "/").map_err(classify)?;
+        let mut request = Outgoing::new("POST", "/").map_err(InvokeError::Protocol)?;
         request.header("content-type", "application/json");
         request.header("x-internal-challenge", call.secret);
         let Answer {
@@ -296,7 +293,8 @@ impl Invoker {
             "env": env,
             "code": base64::engine::general_purpose::STANDARD.encode(code),
         });
-        let mut request = Outgoing::new("POST", "/__hearth/specialise").map_err(classify)?;
+        let mut request =
+            Outgoing::new("POST", "/__hearth/specialise").map_err(InvokeError::Protocol)?;
         request.header("content-type", "application/json");
         request.header("x-hearth-pool-secret", pool_secret);
         let request = request.body(Bytes::from(body.to_string()));

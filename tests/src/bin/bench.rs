@@ -542,18 +542,6 @@ mod executor_bench {
         start_executor_for(network, network, storage, runtimes, tag, env).await
     }
 
-    /// [`start_executor`] from another image than `hearth/executor:latest`.
-    pub(super) async fn start_executor_image(
-        image: &str,
-        network: &str,
-        storage: &std::path::Path,
-        runtimes: &std::path::Path,
-        tag: &str,
-        env: &[(&str, &str)],
-    ) -> Result<ExecutorContainer> {
-        start_executor_from(image, network, network, storage, runtimes, tag, env).await
-    }
-
     /// [`start_executor`] with its runtimes on `runtimes_network` (e.g. a Swarm overlay network),
     /// which the executor joins besides the bench network the client reaches it on.
     pub(super) async fn start_executor_for(
@@ -577,6 +565,7 @@ mod executor_bench {
         .await
     }
 
+    /// [`start_executor_for`] from another image than `hearth/executor:latest`.
     async fn start_executor_from(
         image: &str,
         network: &str,
@@ -844,7 +833,8 @@ mod executor_bench {
             Some(image) => {
                 let env = [("OPR_EXECUTOR_POOL", "false")];
                 let started =
-                    start_executor_image(image, network, &storage, &runtimes, "base", &env).await?;
+                    start_executor_from(image, network, network, &storage, &runtimes, "base", &env)
+                        .await?;
                 execute(&client, &started.url, "warm", &params).await?;
                 Some(started)
             }
