@@ -42,8 +42,9 @@ impl ClientError {
 
 pub struct Client {
     connect_timeout: Duration,
-    /// Idle connections by `host:port`.
-    shelf: Arc<Shelf<Arc<str>, Io, ProxyBody>>,
+    /// Idle connections by serving thread ([`crate::worker`]: a connection is registered with
+    /// the runtime of the thread that opened it) and `host:port`.
+    shelf: Arc<Shelf<(usize, Arc<str>), Io, ProxyBody>>,
 }
 
 impl Client {
@@ -88,9 +89,10 @@ impl Client {
                 .map_err(|err| ClientError::Invalid(err.to_string()))?;
             request.headers_mut().insert(http::header::HOST, host);
         }
+        let key = (crate::worker(), authority.clone());
         let (response, conn) = self
             .shelf
-            .send(authority, request, || self.connect(authority))
+            .send(&key, request, || self.connect(authority))
             .await
             .map_err(|err| match err {
                 hearth_conn::SendError::Connect(err) => err,
@@ -100,7 +102,7 @@ impl Client {
                 hearth_conn::SendError::Failed(err) => ClientError::Failed(err),
             })?;
         let (head, body) = response.into_parts();
-        let body = Driven::new(body, conn, self.shelf.clone(), authority.clone());
+        let body = Driven::new(body, conn, self.shelf.clone(), key);
         Ok(Response::from_parts(
             head,
             body.map_err(BoxError::from).boxed_unsync(),

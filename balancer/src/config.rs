@@ -95,10 +95,10 @@ pub struct Config {
     #[arg(long, env = "HEARTH_BALANCER_SHUTDOWN_GRACE", default_value_t = 30.0)]
     pub shutdown_grace: f64,
 
-    /// Threads serving requests (default: half the cores, at least one), as for the executor:
-    /// in the stack the balancer shares its host with executors and runtimes, and on 2 cores one
-    /// thread spent 15–25 % less CPU per request than two at the same requests/s
-    /// (BENCHMARKS.md). On a host of its own, set it to the number of cores.
+    /// Serving threads (default: one per core). Each has its own listening socket on the port
+    /// (`SO_REUSEPORT`), its own current-thread runtime and its own idle connections to
+    /// executors, so a call never changes threads (nginx's worker model): one connection costs
+    /// what one thread costs, and many spread over the cores (BENCHMARKS.md).
     #[arg(long, env = "HEARTH_BALANCER_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
 

@@ -7,18 +7,12 @@ use hearth_balancer::{Balancer, Config};
 fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     let workers = config.worker_threads.unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(1, |cores| (cores.get() / 2).max(1))
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     });
     anyhow::ensure!(
         workers > 0,
         "HEARTH_BALANCER_WORKER_THREADS must be at least 1"
     );
-    hearth_balancer::runtime(workers)
-        .context("failed to start the async runtime")?
-        .block_on(serve(config, workers))
-}
-
-async fn serve(config: Config, workers: usize) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     if std::env::var("LOG_FORMAT").as_deref() == Ok("json") {
@@ -33,12 +27,12 @@ async fn serve(config: Config, workers: usize) -> anyhow::Result<()> {
         !config.secret.is_empty(),
         "OPR_EXECUTOR_SECRET must not be empty"
     );
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
+    let listeners = hearth_balancer::listeners(config.listen, workers)
         .with_context(|| format!("failed to listen on {}", config.listen))?;
+    let address = listeners[0].local_addr()?;
     let balancer = Balancer::new(config)?;
-    tracing::info!(address = %listener.local_addr()?, workers, "balancer listening");
-    hearth_balancer::run(balancer, listener, shutdown_signal()).await?;
+    tracing::info!(%address, workers, "balancer listening");
+    hearth_balancer::serve_threads(balancer, listeners, shutdown_signal())?;
     Ok(())
 }
 

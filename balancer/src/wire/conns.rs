@@ -43,10 +43,24 @@ impl Conn {
     }
 }
 
-/// Idle connections to one executor, newest last.
-#[derive(Default)]
+/// Idle connections are kept apart for this many serving threads (more share slots).
+const SLOTS: usize = 16;
+
+type Slot = Mutex<Vec<(Conn, Instant)>>;
+
+/// Idle connections to one executor, newest last, kept per serving thread
+/// ([`crate::worker`]): a connection is registered with the runtime of the thread that opened
+/// it, so it is only reused there.
 pub struct Shelf {
-    idle: Mutex<Vec<(Conn, Instant)>>,
+    slots: [Slot; SLOTS],
+}
+
+impl Default for Shelf {
+    fn default() -> Self {
+        Self {
+            slots: std::array::from_fn(|_| Mutex::default()),
+        }
+    }
 }
 
 impl std::fmt::Debug for Shelf {
@@ -56,16 +70,17 @@ impl std::fmt::Debug for Shelf {
 }
 
 impl Shelf {
-    /// The newest idle connection the executor has not closed meanwhile.
+    fn slot(&self) -> std::sync::MutexGuard<'_, Vec<(Conn, Instant)>> {
+        match self.slots[crate::worker() % SLOTS].lock() {
+            Ok(idle) => idle,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// This thread's newest idle connection the executor has not closed meanwhile.
     pub fn take(&self) -> Option<Conn> {
         loop {
-            let (conn, since) = {
-                let mut idle = match self.idle.lock() {
-                    Ok(idle) => idle,
-                    Err(poisoned) => poisoned.into_inner(),
-                };
-                idle.pop()?
-            };
+            let (conn, since) = self.slot().pop()?;
             if since.elapsed() > IDLE_TIMEOUT {
                 continue;
             }
@@ -81,10 +96,7 @@ impl Shelf {
     /// Shelves a connection whose last response was read to its end and nothing more.
     pub fn put(&self, mut conn: Conn) {
         conn.buf.clear();
-        let mut idle = match self.idle.lock() {
-            Ok(idle) => idle,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut idle = self.slot();
         if idle.len() < MAX_IDLE {
             idle.push((conn, Instant::now()));
         }

@@ -339,3 +339,50 @@ async fn a_refused_connect_moves_the_execution_to_the_next_executor() {
         "{metrics}"
     );
 }
+
+/// `main`'s way of serving: one thread per listening socket (`SO_REUSEPORT`), each with its own
+/// runtime and idle executor connections; every connection is served, whichever thread took it,
+/// and shutdown ends every thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serving_threads_share_the_port_and_all_stop_at_shutdown() {
+    let (executor, calls) = executor().await;
+    let config = Config::for_tests(vec![format!("http://{executor}")], "secret");
+    let balancer = Balancer::new(config).unwrap();
+    let listeners = crate::listeners("127.0.0.1:0".parse().unwrap(), 3).unwrap();
+    let addr = listeners[0].local_addr().unwrap();
+    assert!(listeners.iter().all(|l| l.local_addr().unwrap() == addr));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = std::thread::spawn(move || {
+        crate::serve_threads(balancer, listeners, async move {
+            let _ = stopped.await;
+        })
+    });
+    // Sixteen keep-alive clients, three executions each, then a route of the general path.
+    let clients = (0..16).map(|i| async move {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        for round in 0..3 {
+            let body = format!("{{\"client\":{i},\"round\":{round}}}");
+            let call = execution(&format!("fn-{i}"), "", &body);
+            stream.write_all(call.as_bytes()).await.unwrap();
+            let answers = responses(&mut stream, 1).await;
+            assert_eq!(answers[0].0, 200, "{}", answers[0].2);
+            let seen: serde_json::Value = serde_json::from_str(&answers[0].2).unwrap();
+            assert_eq!(seen["body"], body);
+        }
+        let get = "GET /nowhere HTTP/1.1\r\nHost: balancer\r\n\r\n";
+        stream.write_all(get.as_bytes()).await.unwrap();
+        let answers = responses(&mut stream, 1).await;
+        assert_eq!(answers[0].0, 404, "{}", answers[0].2);
+    });
+    futures_util::future::join_all(clients).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 48);
+    stop.send(()).unwrap();
+    let joined = tokio::task::spawn_blocking(move || serving.join().unwrap());
+    let result = tokio::time::timeout(Duration::from_secs(10), joined)
+        .await
+        .expect("a serving thread did not stop")
+        .unwrap();
+    assert!(result.is_ok(), "{result:?}");
+    // Every socket is closed: nothing accepts on the port any more.
+    assert!(TcpStream::connect(addr).await.is_err());
+}

@@ -26,8 +26,9 @@
 //!
 //! Usage: `bench [--runtimes node,python] [--duration SECS] [--starts N] [--executor true|false]
 //! [--balancer true|false] [--builds true|false] [--pools true|false] [--swarm true|false]
-//! [--baseline IMAGE]`; `--baseline` adds an executor of another image (an earlier build) to the
-//! executor section's 32-connection rounds, for a before/after in the same run.
+//! [--baseline IMAGE] [--balancer-rounds N]`; `--baseline` adds an executor of another image (an
+//! earlier build) to the executor section's 32-connection rounds, for a before/after in the same
+//! run; `--balancer-rounds` sets how many rounds the balancer section takes (5 by default).
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -41,7 +42,7 @@ const SECRET: &str = "bench-secret-key";
 
 const USAGE: &str = "usage: bench [--runtimes node,python,wasm] [--duration SECS] [--starts N] \
 [--executor true|false] [--balancer true|false] [--builds true|false] [--pools true|false] \
-[--swarm true|false] [--baseline EXECUTOR_IMAGE]";
+[--swarm true|false] [--baseline EXECUTOR_IMAGE] [--balancer-rounds N]";
 
 struct Args {
     runtimes: Vec<RuntimeImage>,
@@ -54,6 +55,8 @@ struct Args {
     swarm: bool,
     /// An executor image to measure beside `hearth/executor:latest` in the executor section.
     baseline: Option<String>,
+    /// Rounds of the balancer section's loads (direct, balancer, nginx in turn).
+    balancer_rounds: usize,
 }
 
 fn parse_args() -> Result<Args> {
@@ -67,6 +70,7 @@ fn parse_args() -> Result<Args> {
         pools: true,
         swarm: true,
         baseline: None,
+        balancer_rounds: 5,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -99,6 +103,12 @@ fn parse_args() -> Result<Args> {
             "--pools" => args.pools = value.parse().context("--pools")?,
             "--swarm" => args.swarm = value.parse().context("--swarm")?,
             "--baseline" => args.baseline = Some(value.to_string()),
+            "--balancer-rounds" => {
+                args.balancer_rounds = value.parse().context("--balancer-rounds")?;
+                if args.balancer_rounds == 0 {
+                    bail!("--balancer-rounds must be at least 1");
+                }
+            }
             other => bail!("unknown flag {other}\n{USAGE}"),
         }
     }
@@ -649,6 +659,33 @@ mod executor_bench {
         })
     }
 
+    /// Busy CPU time of the whole host, all cores, in ns (`/proc/stat`: everything but idle and
+    /// iowait).
+    fn host_busy_ns() -> Option<u64> {
+        let text = std::fs::read_to_string("/proc/stat").ok()?;
+        let fields: Vec<u64> = text
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(|v| v.parse().ok())
+            .collect::<Option<_>>()?;
+        let ticks = fields.iter().sum::<u64>() - fields.get(3)? - fields.get(4)?;
+        // USER_HZ is 100 on Linux.
+        Some(ticks * 10_000_000)
+    }
+
+    /// The container of the runtime `warm` that the executor called `executor_name` started.
+    async fn runtime_container_id(docker: &bollard::Docker, executor_name: &str) -> Result<String> {
+        let name = format!("{executor_name}-warm");
+        let info = docker
+            .inspect_container(&name, None)
+            .await
+            .with_context(|| format!("no runtime container {name}"))?;
+        info.id.context("runtime container without an id")
+    }
+
     /// CPU time a container has used (cgroup v1 or v2), in ns.
     fn cpu_ns(id: &str) -> Option<u64> {
         let v1 = format!("/sys/fs/cgroup/cpuacct/docker/{id}/cpuacct.usage");
@@ -901,20 +938,40 @@ mod executor_bench {
             wrk_with(url, 4, 1, &lua)?;
             paths.push((url, &lua, &baseline_cpu));
         }
+        // The runtime container each path ends at: direct and both nginx call the bench's own
+        // server; each executor, the runtime it started for "warm".
+        let direct_runtime = direct_server.container.id.clone();
+        let mut runtime_ids = vec![
+            direct_runtime.clone(),
+            runtime_container_id(&docker, &executor.name).await?,
+            runtime_container_id(&docker, &tcp_executor.name).await?,
+            direct_runtime.clone(),
+            direct_runtime.clone(),
+        ];
+        if let Some(b) = &baseline {
+            runtime_ids.push(runtime_container_id(&docker, &b.name).await?);
+        }
         let mut loads: Vec<Vec<Load>> = vec![Vec::new(); paths.len()];
         let mut cpus: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+        // Where the host's CPU went per request, µs: the whole host (all cores, busy time) and
+        // the runtime container; what is neither the runtime nor the proxy is wrk and the rest.
+        let mut host_cpus: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+        let mut runtime_cpus: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
         let mut system_shares = Vec::new();
         for _ in 0..ROUNDS {
             for (i, (url, script, cpu)) in paths.iter().enumerate() {
                 let split_before = cpu_split(&executor.container.id);
                 let before = cpu();
+                let (host_before, runtime_before) = (host_busy_ns(), cpu_ns(&runtime_ids[i]));
                 let load = wrk_with(url, 32, args.duration, script)?;
-                cpus[i].push(match (before, cpu()) {
-                    (Some(a), Some(b)) => {
-                        (b - a) as f64 / 1000.0 / (load.rps * args.duration as f64)
-                    }
+                let requests = load.rps * args.duration as f64;
+                let per_request = |a: Option<u64>, b: Option<u64>| match (a, b) {
+                    (Some(a), Some(b)) if b >= a => (b - a) as f64 / 1000.0 / requests,
                     _ => f64::NAN,
-                });
+                };
+                cpus[i].push(per_request(before, cpu()));
+                host_cpus[i].push(per_request(host_before, host_busy_ns()));
+                runtime_cpus[i].push(per_request(runtime_before, cpu_ns(&runtime_ids[i])));
                 loads[i].push(load);
                 // How much of the executor's CPU is the kernel's (network stack, scheduler).
                 if i == 1 {
@@ -961,6 +1018,16 @@ mod executor_bench {
         });
         drop(baseline);
         let executor_system_share = median_of(&system_shares);
+        let host_medians: Vec<f64> = host_cpus.iter().map(|r| median_of(r)).collect();
+        let runtime_medians: Vec<f64> = runtime_cpus.iter().map(|r| median_of(r)).collect();
+        // The ceiling for any proxy on this host: at 85 % of direct's req/s, all cores together
+        // give `budget` µs per request; the runtime and everything else (wrk, the kernel's
+        // share outside the two containers) take what they took through the executor, and the
+        // proxy may use only what is left.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let budget = cores * 1e6 / (0.85 * direct_32.rps);
+        let others = |i: usize| host_medians[i] - runtime_medians[i] - cpu_medians[i];
+        let left_for_proxy = budget - runtime_medians[1] - others(1);
 
         // RSS with 50 warm runtimes (the cold-start ones and "warm" count).
         let have = args.starts + 1;
@@ -1023,6 +1090,21 @@ mod executor_bench {
             100.0 * boxed_32.rps / direct_32.rps,
             boxed_cpu_us,
         );
+        let busy = |i: usize| 100.0 * host_medians[i] * medians[i].rps / 1e6 / cores;
+        println!(
+            "executor (node hello)   warm 32 conn, CPU per request on the whole host (µs): direct {:.0} = runtime {:.0} + wrk and the rest {:.0} (host {:.0} % busy) | through the executor {:.0} = runtime {:.0} + executor {:.0} + wrk and the rest {:.0} (host {:.0} % busy) | nginx on the host {:.0} = runtime {:.0} + nginx {:.0} + the rest {:.0}",
+            host_medians[0], runtime_medians[0], host_medians[0] - runtime_medians[0], busy(0),
+            host_medians[1], runtime_medians[1], cpu_medians[1], others(1), busy(1),
+            host_medians[3], runtime_medians[3], cpu_medians[3], others(3),
+        );
+        println!(
+            "executor (node hello)   warm 32 conn, the ceiling: 85 % of direct is {:.0} req/s, for which {cores:.0} cores give {budget:.0} µs per request; the runtime and the rest took {:.0} µs through the executor, which leaves {left_for_proxy:.0} µs for any proxy (the executor used {:.0}, {:.0} of it in the kernel; nginx on the host {:.0})",
+            0.85 * direct_32.rps,
+            runtime_medians[1] + others(1),
+            executor_cpu_us,
+            executor_cpu_us * executor_system_share,
+            nginx_cpu_us,
+        );
         println!(
             "executor (node hello)   cold start: through executor p50 {:.0} ms max {:.0} ms | raw docker (create+start+healthy) p50 {:.0} ms (create {:.0} ms) | ratio {:.2}",
             percentile(&cold, 50.0),
@@ -1048,7 +1130,11 @@ mod executor_bench {
                 "through_tcp_rps": through_tcp_32.rps, "tcp_executor_cpu_us_per_request": tcp_executor_cpu_us,
                 "baseline": baseline_32.as_ref().map(|(rps, cpu, shares)| json!({"image": args.baseline, "rps": rps, "cpu_us_per_request": cpu, "share_rounds": shares})),
                 "rps_rounds": loads.iter().map(|rounds| rounds.iter().map(|l| l.rps).collect::<Vec<_>>()).collect::<Vec<_>>(),
-                "cpu_us_rounds": cpus},
+                "cpu_us_rounds": cpus,
+                "host_cpu_us_per_request": host_medians, "runtime_cpu_us_per_request": runtime_medians,
+                "host_cpu_us_rounds": host_cpus, "runtime_cpu_us_rounds": runtime_cpus,
+                "ceiling": {"cores": cores, "budget_us_per_request_at_85_percent": budget,
+                    "left_for_proxy_us": left_for_proxy}},
             "cold_start_ms": {"through_p50": percentile(&cold, 50.0), "through_max": percentile(&cold, 100.0),
                 "raw_docker_p50": percentile(&raw, 50.0), "raw_create_p50": percentile(&raw_create, 50.0),
                 "through_samples": cold, "raw_samples": raw},

@@ -175,10 +175,6 @@ async fn load(url: String, connections: u32, duration: u64, lua: String) -> Resu
     tokio::task::spawn_blocking(move || wrk_with(&url, connections, duration, &lua)).await?
 }
 
-/// Rounds of the balancer's loads: more than the other sections' `ROUNDS`, since its targets
-/// compare two proxies at a fraction of a millisecond, p99 included.
-const BALANCER_ROUNDS: usize = 5;
-
 pub async fn run(args: &Args) -> Result<Value> {
     let executor = TestExecutor::start(Options::named("bench-balancer")).await?;
     let source = executor.stage_source(&fixture_dir("executor"), "fixture")?;
@@ -217,6 +213,7 @@ pub async fn run(args: &Args) -> Result<Value> {
         load(url.clone(), 8, 1, lua.clone()).await?;
     }
     let mut results = serde_json::Map::new();
+    results.insert("rounds".into(), json!(args.balancer_rounds));
     let mut printed = Vec::new();
     for connections in [1u32, 64] {
         // Rounds of direct, balancer, nginx back to back; each figure is the median of its
@@ -225,7 +222,7 @@ pub async fn run(args: &Args) -> Result<Value> {
         let mut rounds: Vec<Vec<Load>> = vec![Vec::new(); paths.len()];
         let mut cpu_us: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
         let mut user_us: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
-        for round in 0..BALANCER_ROUNDS {
+        for round in 0..args.balancer_rounds {
             // The two proxies take turns going first after direct, so neither always follows
             // the same path.
             let order: [usize; 3] = if round % 2 == 0 { [0, 1, 2] } else { [0, 2, 1] };
@@ -256,12 +253,14 @@ pub async fn run(args: &Args) -> Result<Value> {
         let mut row = serde_json::Map::new();
         for ((name, l, cpu, user), r) in loads.iter().zip(&rounds) {
             let p99s: Vec<f64> = r.iter().map(|l| l.p99_ms).collect();
+            let p50s: Vec<f64> = r.iter().map(|l| l.p50_ms).collect();
+            let rps: Vec<f64> = r.iter().map(|l| l.rps).collect();
             row.insert(
                 name.to_string(),
                 json!({"p50_ms": l.p50_ms, "p99_ms": l.p99_ms, "rps": l.rps,
                        "added_p50_ms": l.p50_ms - direct.p50_ms, "added_p99_ms": l.p99_ms - direct.p99_ms,
                        "cpu_us_per_request": cpu, "user_cpu_us_per_request": user,
-                       "p99_ms_rounds": p99s}),
+                       "p99_ms_rounds": p99s, "p50_ms_rounds": p50s, "rps_rounds": rps}),
             );
         }
         for (name, l, cpu, user) in &loads[1..] {
