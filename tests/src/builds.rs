@@ -142,6 +142,32 @@ impl Drop for Rabbit {
 /// One commit of a test repository: files (path, content) and an optional tag.
 pub type Commit<'a> = (&'a [(&'a str, &'a str)], Option<&'a str>);
 
+/// `git-daemon` serving the bare repositories under `root` read-only on `address:port`. The
+/// `git-daemon` program itself, not `git daemon`: that runs it as a child, which killing `git`
+/// would leave running.
+pub fn spawn_git_daemon(root: &Path, address: &str, port: u16) -> Result<Child> {
+    let exec_path = Command::new("git")
+        .arg("--exec-path")
+        .output()
+        .context("failed to run git --exec-path")?;
+    let exec_path = String::from_utf8_lossy(&exec_path.stdout)
+        .trim()
+        .to_string();
+    Command::new(PathBuf::from(exec_path).join("git-daemon"))
+        .args([
+            "--reuseaddr",
+            "--export-all",
+            &format!("--listen={address}"),
+            &format!("--port={port}"),
+            &format!("--base-path={}", root.display()),
+            &root.display().to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("failed to start git-daemon")
+}
+
 /// Bare git repositories under a temp folder, served read-only by `git daemon` on 127.0.0.1.
 pub struct GitServer {
     pub root: PathBuf,
@@ -172,20 +198,7 @@ impl GitServer {
         let root = dir.0.join("repos");
         std::fs::create_dir_all(&root)?;
         let port = free_port()?;
-        let daemon = Command::new("git")
-            .args([
-                "daemon",
-                "--reuseaddr",
-                "--export-all",
-                "--listen=127.0.0.1",
-                &format!("--port={port}"),
-                &format!("--base-path={}", root.display()),
-                &root.display().to_string(),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("failed to start git daemon")?;
+        let daemon = spawn_git_daemon(&root, "127.0.0.1", port)?;
         let server = Self {
             root,
             port,

@@ -4,7 +4,7 @@
 //! workers can reach.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -224,20 +224,7 @@ pub struct GitDaemon {
 impl GitDaemon {
     pub async fn serve(root: &Path, address: &str) -> Result<Self> {
         let port = free_port()?;
-        let child = Command::new("git")
-            .args([
-                "daemon",
-                "--reuseaddr",
-                "--export-all",
-                &format!("--listen={address}"),
-                &format!("--port={port}"),
-                &format!("--base-path={}", root.display()),
-                &root.display().to_string(),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("failed to start git daemon")?;
+        let child = crate::builds::spawn_git_daemon(root, address, port)?;
         let daemon = Self {
             address: address.to_string(),
             port,
