@@ -57,7 +57,7 @@ pub fn worker() -> usize {
 /// The async runtime of one serving thread: tokio's current-thread scheduler, no thread but the
 /// one that polls the sockets (about 15 % less CPU per request than one worker of the
 /// multi-thread scheduler, BENCHMARKS.md).
-pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -1,5 +1,6 @@
 //! [`Idle`]: idle connections by key (a peer), at most a cap per key and none older than an idle
-//! timeout; the storage under [`crate::Shelf`] and under the executor's connections to runtimes.
+//! timeout; the storage under [`crate::Shelf`], the balancer's forwarding connections and the
+//! executor's connections to runtimes.
 
 use std::collections::HashMap;
 use std::hash::Hash;

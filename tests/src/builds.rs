@@ -142,37 +142,70 @@ impl Drop for Rabbit {
 /// One commit of a test repository: files (path, content) and an optional tag.
 pub type Commit<'a> = (&'a [(&'a str, &'a str)], Option<&'a str>);
 
-/// `git-daemon` serving the bare repositories under `root` read-only on `address:port`. The
-/// `git-daemon` program itself, not `git daemon`: that runs it as a child, which killing `git`
-/// would leave running.
-pub fn spawn_git_daemon(root: &Path, address: &str, port: u16) -> Result<Child> {
-    let exec_path = Command::new("git")
-        .arg("--exec-path")
-        .output()
-        .context("failed to run git --exec-path")?;
-    let exec_path = String::from_utf8_lossy(&exec_path.stdout)
-        .trim()
-        .to_string();
-    Command::new(PathBuf::from(exec_path).join("git-daemon"))
-        .args([
-            "--reuseaddr",
-            "--export-all",
-            &format!("--listen={address}"),
-            &format!("--port={port}"),
-            &format!("--base-path={}", root.display()),
-            &root.display().to_string(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("failed to start git-daemon")
+/// `git-daemon` serving the bare repositories under `root` read-only on `address` (127.0.0.1, or
+/// a gateway the stack's build workers can reach), killed on drop. The `git-daemon` program
+/// itself, not `git daemon`: that runs it as a child, which killing `git` would leave running.
+pub struct GitDaemon {
+    pub address: String,
+    pub port: u16,
+    child: Child,
+}
+
+impl GitDaemon {
+    pub async fn serve(root: &Path, address: &str) -> Result<Self> {
+        let port = free_port()?;
+        let exec_path = Command::new("git")
+            .arg("--exec-path")
+            .output()
+            .context("failed to run git --exec-path")?;
+        let exec_path = String::from_utf8_lossy(&exec_path.stdout)
+            .trim()
+            .to_string();
+        let child = Command::new(PathBuf::from(exec_path).join("git-daemon"))
+            .args([
+                "--reuseaddr",
+                "--export-all",
+                &format!("--listen={address}"),
+                &format!("--port={port}"),
+                &format!("--base-path={}", root.display()),
+                &root.display().to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("failed to start git-daemon")?;
+        let daemon = Self {
+            address: address.to_string(),
+            port,
+            child,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect((address, port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("git daemon did not listen on {address}:{port}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(daemon)
+    }
+
+    /// `git://<address>:<port>/<name>.git`
+    pub fn git_url(&self, name: &str) -> String {
+        format!("git://{}:{}/{name}.git", self.address, self.port)
+    }
+}
+
+impl Drop for GitDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Bare git repositories under a temp folder, served read-only by `git daemon` on 127.0.0.1.
 pub struct GitServer {
     pub root: PathBuf,
-    pub port: u16,
-    daemon: Child,
+    daemon: GitDaemon,
     _dir: TempDir,
 }
 
@@ -197,27 +230,17 @@ impl GitServer {
         let dir = TempDir::new("hearth-git")?;
         let root = dir.0.join("repos");
         std::fs::create_dir_all(&root)?;
-        let port = free_port()?;
-        let daemon = spawn_git_daemon(&root, "127.0.0.1", port)?;
-        let server = Self {
+        let daemon = GitDaemon::serve(&root, "127.0.0.1").await?;
+        Ok(Self {
             root,
-            port,
             daemon,
             _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() > deadline {
-                bail!("git daemon did not listen on {port}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(server)
+        })
     }
 
     /// `git://127.0.0.1:<port>/<name>.git`
     pub fn git_url(&self, name: &str) -> String {
-        format!("git://127.0.0.1:{}/{name}.git", self.port)
+        self.daemon.git_url(name)
     }
 
     /// `file:///…/<name>.git`
@@ -277,13 +300,6 @@ impl GitServer {
         )?;
         std::fs::remove_dir_all(&work)?;
         Ok(ids)
-    }
-}
-
-impl Drop for GitServer {
-    fn drop(&mut self) {
-        let _ = self.daemon.kill();
-        let _ = self.daemon.wait();
     }
 }
 

@@ -1,15 +1,13 @@
 //! The repository's stack on Docker Swarm for the end-to-end test: `make swarm-up` in the
 //! working tree, `make swarm-down` when the guard drops (also when the test fails), the `docker`
-//! CLI calls the test makes, what the stack may leave behind, and a git daemon its build
-//! workers can reach.
+//! CLI calls the test makes, what the stack may leave behind, and the gateway address its build
+//! workers reach a git daemon on.
 
-use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 
-use crate::builds::free_port;
 use crate::runtime::repo_root;
 
 /// The Swarm tests share the engine's swarm (one may init it, `make swarm-down` may leave it):
@@ -211,45 +209,6 @@ pub fn gateway() -> Result<String> {
     ])?;
     ensure!(!address.is_empty(), "docker_gwbridge has no gateway");
     Ok(address)
-}
-
-/// `git daemon` serving the bare repositories under `root` on `address` (e.g. the gateway, so
-/// the stack's build workers can fetch), killed on drop.
-pub struct GitDaemon {
-    pub address: String,
-    pub port: u16,
-    child: Child,
-}
-
-impl GitDaemon {
-    pub async fn serve(root: &Path, address: &str) -> Result<Self> {
-        let port = free_port()?;
-        let child = crate::builds::spawn_git_daemon(root, address, port)?;
-        let daemon = Self {
-            address: address.to_string(),
-            port,
-            child,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect((address, port)).is_err() {
-            if Instant::now() > deadline {
-                bail!("git daemon did not listen on {address}:{port}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(daemon)
-    }
-
-    pub fn git_url(&self, name: &str) -> String {
-        format!("git://{}:{}/{name}.git", self.address, self.port)
-    }
-}
-
-impl Drop for GitDaemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Polls `check` every half second until it returns `Some`, for up to `limit`.

@@ -1,13 +1,13 @@
 //! Plain TCP connections to one executor for the forwarding path: opened with a timeout,
 //! `TCP_NODELAY` and TCP keep-alive, and shelved idle with their read buffer between calls.
 
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::BytesMut;
+use hearth_conn::Idle;
 use tokio::net::TcpStream;
 
-/// Idle connections kept per executor.
+/// Idle connections kept per executor and serving thread.
 const MAX_IDLE: usize = 256;
 /// An idle connection older than this is closed rather than reused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -43,22 +43,17 @@ impl Conn {
     }
 }
 
-/// Idle connections are kept apart for this many serving threads (more share slots).
-const SLOTS: usize = 16;
-
-type Slot = Mutex<Vec<(Conn, Instant)>>;
-
 /// Idle connections to one executor, newest last, kept per serving thread
 /// ([`crate::worker`]): a connection is registered with the runtime of the thread that opened
 /// it, so it is only reused there.
 pub struct Shelf {
-    slots: [Slot; SLOTS],
+    idle: Idle<usize, Conn>,
 }
 
 impl Default for Shelf {
     fn default() -> Self {
         Self {
-            slots: std::array::from_fn(|_| Mutex::default()),
+            idle: Idle::new(IDLE_TIMEOUT, MAX_IDLE),
         }
     }
 }
@@ -70,35 +65,18 @@ impl std::fmt::Debug for Shelf {
 }
 
 impl Shelf {
-    fn slot(&self) -> std::sync::MutexGuard<'_, Vec<(Conn, Instant)>> {
-        match self.slots[crate::worker() % SLOTS].lock() {
-            Ok(idle) => idle,
-            Err(poisoned) => poisoned.into_inner(),
-        }
-    }
-
     /// This thread's newest idle connection the executor has not closed meanwhile.
     pub fn take(&self) -> Option<Conn> {
-        loop {
-            let (conn, since) = self.slot().pop()?;
-            if since.elapsed() > IDLE_TIMEOUT {
-                continue;
-            }
+        self.idle.take(&crate::worker(), |conn| {
             // An open idle connection has nothing to read; a closed one reads its end (0).
             let mut probe = [0u8; 1];
-            match conn.stream.try_read(&mut probe) {
-                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => return Some(conn),
-                _ => continue,
-            }
-        }
+            matches!(conn.stream.try_read(&mut probe), Err(err) if err.kind() == std::io::ErrorKind::WouldBlock)
+        })
     }
 
     /// Shelves a connection whose last response was read to its end and nothing more.
     pub fn put(&self, mut conn: Conn) {
         conn.buf.clear();
-        let mut idle = self.slot();
-        if idle.len() < MAX_IDLE {
-            idle.push((conn, Instant::now()));
-        }
+        self.idle.put(&crate::worker(), conn);
     }
 }

@@ -17,10 +17,10 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use hearth_adapters::swarm::{SwarmAdapter, SwarmOptions};
 use hearth_adapters::{Adapter, Error, RuntimeSpec};
-use hearth_tests::builds::{workspace_binary, GitServer};
+use hearth_tests::builds::{workspace_binary, GitDaemon, GitServer};
 use hearth_tests::swarm::{
-    docker, ensure_swarm, eventually, exclusive, gateway, leftovers, lines, Cleanup, GitDaemon,
-    SwarmStack, API, STACK,
+    docker, ensure_swarm, eventually, exclusive, gateway, leftovers, lines, Cleanup, SwarmStack,
+    API, STACK,
 };
 
 fn hearth(secret: &str, args: &[&str]) -> Result<Output> {
