@@ -176,8 +176,10 @@ pub fn response(buf: &[u8], close: bool) -> Result<Option<Response>, String> {
     let status = parsed.code.unwrap_or(0);
     let mut length = None;
     let mut chunked = false;
-    // A transfer coding other than chunked last: the body ends with the connection.
-    let mut encoded = false;
+    // The transfer codings as sent, all `Transfer-Encoding` lines joined: the body is passed on
+    // as it came, so the client gets them as they were (a coding other than chunked last: the
+    // body ends with the connection).
+    let mut codings: Vec<u8> = Vec::new();
     let mut upstream_close = parsed.version != Some(1);
     let mut head = Vec::with_capacity(head_len + 32);
     head.extend_from_slice(b"HTTP/1.1 ");
@@ -190,7 +192,10 @@ pub fn response(buf: &[u8], close: bool) -> Result<Option<Response>, String> {
         if name.eq_ignore_ascii_case("transfer-encoding") {
             let value = header.value.trim_ascii();
             chunked = value.len() >= 7 && value[value.len() - 7..].eq_ignore_ascii_case(b"chunked");
-            encoded = true;
+            if !codings.is_empty() {
+                codings.extend_from_slice(b", ");
+            }
+            codings.extend_from_slice(value);
             continue;
         }
         if name.eq_ignore_ascii_case("connection") {
@@ -221,6 +226,7 @@ pub fn response(buf: &[u8], close: bool) -> Result<Option<Response>, String> {
         head.extend_from_slice(b"\r\n");
     }
     // A transfer coding overrides a length (RFC 9112 §6.3): the length is not passed on then.
+    let encoded = !codings.is_empty();
     let framing = match (status, encoded, length) {
         (100..=199 | 204 | 304, _, _) => Framing::Empty,
         (_, true, _) if chunked => Framing::Chunked,
@@ -238,8 +244,10 @@ pub fn response(buf: &[u8], close: bool) -> Result<Option<Response>, String> {
     if status == 101 {
         return Err("the executor switched protocols on an execution".into());
     }
-    if framing == Framing::Chunked {
-        head.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    if encoded && framing != Framing::Empty {
+        head.extend_from_slice(b"transfer-encoding: ");
+        head.extend_from_slice(&codings);
+        head.extend_from_slice(b"\r\n");
     }
     if close || framing == Framing::UntilClose {
         head.extend_from_slice(b"connection: close\r\n");
@@ -452,13 +460,24 @@ mod tests {
             String::from_utf8(r.head).unwrap(),
             "HTTP/1.1 200 OK\r\nx-a: 1\r\ntransfer-encoding: chunked\r\n\r\n"
         );
-        // Another transfer coding: until the close, no length either.
+        // Another transfer coding: until the close, no length either; the coding goes on, so
+        // the client knows the bytes are gzip.
         let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nTransfer-Encoding: gzip\r\n\r\n";
         let r = response(raw, false).unwrap().unwrap();
         assert_eq!(r.framing, Framing::UntilClose);
-        assert!(!String::from_utf8(r.head)
-            .unwrap()
-            .contains("content-length"));
+        assert_eq!(
+            String::from_utf8(r.head).unwrap(),
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\nconnection: close\r\n\r\n"
+        );
+        // Codings over two lines, chunked last: chunked framing, both codings passed on.
+        let raw =
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let r = response(raw, false).unwrap().unwrap();
+        assert_eq!(r.framing, Framing::Chunked);
+        assert_eq!(
+            String::from_utf8(r.head).unwrap(),
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n"
+        );
         assert!(response(b"HTTP/1.1 200 OK\r\n", false).unwrap().is_none());
     }
 
