@@ -8,7 +8,8 @@
 //!
 //! Executor (`--executor`, on by default): the executor image in a container on the same network,
 //! so both paths are container to container: warm hello through the executor vs direct to the
-//! runtime (added p50/p99, requests/s at 32 connections, CPU per execution), the same load
+//! runtime (added p50/p99 at one connection, the two paths taking turns request by request:
+//! `bench/paired.rs`; requests/s at 32 connections, CPU per execution), the same load
 //! through Debian's nginx on the host and in a container on that network (the reference proxies),
 //! cold start through the executor vs the raw Docker time (create + start + first healthy) for
 //! the same image, and the executor's RSS with 50 warm runtimes.
@@ -495,6 +496,8 @@ async fn raw_docker_starts(
 /// Balancer vs nginx vs direct (a folder cargo does not take for a binary).
 #[path = "bench/balancer.rs"]
 mod balancer;
+#[path = "bench/paired.rs"]
+mod paired;
 
 /// Cold starts with and without warm pools vs raw Docker, per runtime image.
 #[path = "bench/pools.rs"]
@@ -911,14 +914,17 @@ mod executor_bench {
             wrk_with(url, 4, 1, script)?;
         }
 
-        // In rounds, the paths taking turns, so that a slow spell of the host hits all alike;
-        // each figure is the median of its rounds.
-        let (mut direct_1, mut through_1) = (Vec::new(), Vec::new());
-        for _ in 0..ROUNDS {
-            direct_1.push(wrk(&direct_url, 1, args.duration)?);
-            through_1.push(wrk_with(&through_url, 1, args.duration, &lua)?);
-        }
-        let (direct_1, through_1) = (median_load(&direct_1), median_load(&through_1));
+        // One connection: direct and through the executor taking turns request by request
+        // (`paired.rs`), so both see the same moments of the host; figures over all rounds.
+        let targets = vec![
+            paired::Target::runtime(&direct_url)?,
+            paired::Target::execution(&through_url, EXECUTOR_SECRET)?,
+        ];
+        let round = Duration::from_secs(args.duration * 2);
+        let measured =
+            tokio::task::spawn_blocking(move || paired::interleaved(&targets, ROUNDS, round))
+                .await??;
+        let (direct_1, through_1) = (measured[0].all, measured[1].all);
         let no_proxy = || None;
         let executor_cpu = || cpu_ns(&executor.container.id);
         let tcp_cpu = || cpu_ns(&tcp_executor.container.id);

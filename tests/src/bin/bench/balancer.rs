@@ -1,8 +1,9 @@
 //! The balancer's numbers (`--balancer`, on by default): one warm node runtime behind one
 //! in-process executor, called in the same run three ways: direct, through the balancer (the
 //! release binary as its own process) and through Debian's nginx configured as a plain
-//! keep-alive reverse proxy. Added p50/p99 over direct and requests/s at 1 and 64 connections,
-//! and the balancer's RSS.
+//! keep-alive reverse proxy. Added p50/p99 over direct and requests/s at 1 connection (the three
+//! paths taking turns request by request: `paired.rs`) and at 64 (wrk, one path at a time), and
+//! the balancer's RSS.
 
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
@@ -222,7 +223,41 @@ pub async fn run(args: &Args) -> Result<Value> {
         let mut rounds: Vec<Vec<Load>> = vec![Vec::new(); paths.len()];
         let mut cpu_us: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
         let mut user_us: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
-        for round in 0..args.balancer_rounds {
+        // At one connection the paths take turns request by request (`paired.rs`), so each
+        // figure is over the same moments of the host; each is taken over all rounds together.
+        let mut pooled: Option<Vec<Load>> = None;
+        if connections == 1 {
+            let proxies = [None, Some(&balancer), Some(&nginx)];
+            let before: Vec<_> = proxies
+                .iter()
+                .map(|p| p.map(Process::cpu_split_ns))
+                .collect();
+            let targets = paths
+                .iter()
+                .map(|(_, url)| paired::Target::execution(url, EXECUTOR_SECRET))
+                .collect::<Result<Vec<_>>>()?;
+            let (n, round) = (args.balancer_rounds, Duration::from_secs(args.duration * 3));
+            let measured =
+                tokio::task::spawn_blocking(move || paired::interleaved(&targets, n, round))
+                    .await??;
+            for (i, m) in measured.iter().enumerate() {
+                if let (Some(proxy), Some((user, system))) = (proxies[i], before[i]) {
+                    let (user_after, system_after) = proxy.cpu_split_ns();
+                    let per_request = |ns: u64| ns as f64 / 1000.0 / m.requests as f64;
+                    cpu_us[i].push(per_request(user_after + system_after - user - system));
+                    user_us[i].push(per_request(user_after - user));
+                }
+                rounds[i] = m.rounds.clone();
+            }
+            pooled = Some(measured.iter().map(|m| m.all).collect());
+        }
+        // At 64 connections, wrk on one path at a time.
+        let wrk_rounds = if connections == 1 {
+            0
+        } else {
+            args.balancer_rounds
+        };
+        for round in 0..wrk_rounds {
             // The two proxies take turns going first after direct, so neither always follows
             // the same path.
             let order: [usize; 3] = if round % 2 == 0 { [0, 1, 2] } else { [0, 2, 1] };
@@ -245,8 +280,10 @@ pub async fn run(args: &Args) -> Result<Value> {
             .iter()
             .zip(&rounds)
             .zip(cpu_us.iter().zip(&user_us))
-            .map(|(((name, _), r), (cpu, user))| {
-                (*name, median_load(r), median_of(cpu), median_of(user))
+            .enumerate()
+            .map(|(i, (((name, _), r), (cpu, user)))| {
+                let load = pooled.as_ref().map_or_else(|| median_load(r), |p| p[i]);
+                (*name, load, median_of(cpu), median_of(user))
             })
             .collect();
         let direct = loads[0].1;
@@ -265,7 +302,8 @@ pub async fn run(args: &Args) -> Result<Value> {
         }
         for (name, l, cpu, user) in &loads[1..] {
             printed.push(format!(
-                "balancer bench {connections:>2} conn: {name:<8} added p50 {:+.3} ms p99 {:+.3} ms, {:.0} req/s, CPU {cpu:.0} µs/request ({user:.0} user) (direct p50 {:.3} ms p99 {:.3} ms, {:.0} req/s)",
+                "balancer bench {connections:>2} conn ({}): {name:<8} added p50 {:+.3} ms p99 {:+.3} ms, {:.0} req/s, CPU {cpu:.0} µs/request ({user:.0} user) (direct p50 {:.3} ms p99 {:.3} ms, {:.0} req/s)",
+                if connections == 1 { "interleaved" } else { "wrk" },
                 l.p50_ms - direct.p50_ms,
                 l.p99_ms - direct.p99_ms,
                 l.rps,
@@ -274,6 +312,14 @@ pub async fn run(args: &Args) -> Result<Value> {
                 direct.rps
             ));
         }
+        row.insert(
+            "method".into(),
+            json!(if connections == 1 {
+                "interleaved request by request, figures over all rounds"
+            } else {
+                "wrk, one path at a time, medians of rounds"
+            }),
+        );
         results.insert(format!("c{connections}"), Value::Object(row));
     }
     let pid = balancer.0.id();
