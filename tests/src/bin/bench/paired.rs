@@ -72,6 +72,76 @@ pub(super) struct Paired {
     pub(super) all: Load,
     pub(super) rounds: Vec<Load>,
     pub(super) requests: usize,
+    /// Every latency in ms, in the order taken: the n-th of one path and the n-th of another
+    /// were taken in the same cycle.
+    pub(super) samples: Vec<f64>,
+}
+
+/// How much path `b` differs from path `a`: the estimate over all samples and a 95 % interval
+/// from a bootstrap over cycles (each resample takes whole cycles, both paths' requests of the
+/// cycle together, so it keeps the pairing).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Difference {
+    pub(super) estimate: f64,
+    pub(super) low: f64,
+    pub(super) high: f64,
+}
+
+impl Difference {
+    /// `b − a` of `statistic` over the paired samples `a` and `b`.
+    pub(super) fn of(a: &[f64], b: &[f64], statistic: fn(&[f64]) -> f64) -> Self {
+        let n = a.len().min(b.len());
+        let estimate = statistic(&b[..n]) - statistic(&a[..n]);
+        // xorshift64*: enough for choosing indices, and the same every run.
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        };
+        const RESAMPLES: usize = 400;
+        let (mut ra, mut rb) = (vec![0.0; n], vec![0.0; n]);
+        let mut differences: Vec<f64> = (0..RESAMPLES)
+            .map(|_| {
+                for k in 0..n {
+                    let i = (next() % n.max(1) as u64) as usize;
+                    (ra[k], rb[k]) = (a[i], b[i]);
+                }
+                statistic(&rb) - statistic(&ra)
+            })
+            .collect();
+        differences.sort_by(f64::total_cmp);
+        Self {
+            estimate,
+            low: percentile(&differences, 2.5),
+            high: percentile(&differences, 97.5),
+        }
+    }
+}
+
+/// The statistics the bench compares, over unsorted samples in ms.
+pub(super) fn p50(samples: &[f64]) -> f64 {
+    sorted_percentile(samples, 50.0)
+}
+
+pub(super) fn p99(samples: &[f64]) -> f64 {
+    sorted_percentile(samples, 99.0)
+}
+
+/// Requests/s of one connection: 1 / mean latency.
+pub(super) fn rps(samples: &[f64]) -> f64 {
+    1000.0 * samples.len() as f64 / samples.iter().sum::<f64>()
+}
+
+pub(super) fn percentile_of(samples: &[f64], p: f64) -> f64 {
+    sorted_percentile(samples, p)
+}
+
+fn sorted_percentile(samples: &[f64], p: f64) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort_unstable_by(f64::total_cmp);
+    percentile(&sorted, p)
 }
 
 /// `rounds` rounds of `round` each; in each, one request per path in turn until the round's time
@@ -120,6 +190,7 @@ pub(super) fn interleaved(
                 all: load_of(&all),
                 rounds,
                 requests: all.len(),
+                samples: all,
             }
         })
         .collect())
