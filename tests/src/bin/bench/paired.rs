@@ -157,13 +157,11 @@ pub(super) fn interleaved(
     let mut samples: Vec<Vec<Vec<f64>>> = vec![Vec::new(); targets.len()];
     let mut cycle = 0usize;
     for _ in 0..rounds {
-        for s in &mut samples {
-            s.push(Vec::new());
-        }
+        let mut this_round: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
         let end = Instant::now() + round;
         while Instant::now() < end {
             for k in 0..targets.len() {
-                let i = if cycle % 2 == 0 {
+                let i = if cycle.is_multiple_of(2) {
                     k
                 } else {
                     targets.len() - 1 - k
@@ -171,7 +169,7 @@ pub(super) fn interleaved(
                 let started = Instant::now();
                 let open = exchange(&mut conns[i], &targets[i], &mut buf)?;
                 let ms = started.elapsed().as_secs_f64() * 1000.0;
-                samples[i].last_mut().expect("a round").push(ms);
+                this_round[i].push(ms);
                 // A server that ends keep-alive (nginx after `keepalive_requests`): a new
                 // connection, outside the timing, as wrk does.
                 if !open {
@@ -179,6 +177,9 @@ pub(super) fn interleaved(
                 }
             }
             cycle += 1;
+        }
+        for (all, one) in samples.iter_mut().zip(this_round) {
+            all.push(one);
         }
     }
     Ok(samples
