@@ -250,42 +250,10 @@ pub async fn run(args: &Args) -> Result<Value> {
                 rounds[i] = m.rounds.clone();
             }
             pooled = Some(measured.iter().map(|m| m.all).collect());
-            // Balancer − nginx, each with its 95 % interval: a difference whose interval holds
-            // zero is one these samples cannot tell from none.
-            let (nginx_samples, balancer_samples) = (&measured[2].samples, &measured[1].samples);
-            let mut compared = serde_json::Map::new();
-            let mut line =
-                String::from("balancer bench  1 conn: balancer − nginx (95 % interval):");
-            for (name, statistic, unit) in [
-                ("p50", paired::p50 as fn(&[f64]) -> f64, "ms"),
-                ("p99", paired::p99, "ms"),
-                ("rps", paired::rps, "req/s"),
-            ] {
-                let d = paired::Difference::of(nginx_samples, balancer_samples, statistic);
-                let digits = if unit == "ms" { 3 } else { 0 };
-                line.push_str(&format!(
-                    " {name} {:+.digits$} {unit} ({:+.digits$}..{:+.digits$});",
-                    d.estimate, d.low, d.high
-                ));
-                compared.insert(
-                    name.into(),
-                    json!({"estimate": d.estimate, "low": d.low, "high": d.high}),
-                );
-            }
-            printed.push(line.trim_end_matches(';').to_string());
-            // Beyond p99: what moves the mean (and so requests/s at one connection).
-            let mut tail = serde_json::Map::new();
-            for ((name, _), m) in paths.iter().zip(&measured) {
-                let mean = m.samples.iter().sum::<f64>() / m.samples.len().max(1) as f64;
-                let max = m.samples.iter().copied().fold(0.0, f64::max);
-                let p999 = paired::percentile_of(&m.samples, 99.9);
-                tail.insert(
-                    name.to_string(),
-                    json!({"mean_ms": mean, "p999_ms": p999, "max_ms": max}),
-                );
-            }
-            results.insert("c1_tail".into(), Value::Object(tail));
-            results.insert("c1_balancer_minus_nginx".into(), Value::Object(compared));
+            let (line, compared, tail) = compare_one_connection(&paths, &measured);
+            printed.push(line);
+            results.insert("c1_tail".into(), tail);
+            results.insert("c1_balancer_minus_nginx".into(), compared);
         }
         // At 64 connections, wrk on one path at a time.
         let wrk_rounds = if connections == 1 {
@@ -369,4 +337,47 @@ pub async fn run(args: &Args) -> Result<Value> {
     drop(balancer);
     drop(executor);
     Ok(Value::Object(results))
+}
+
+/// At one connection (`paths`: direct, balancer, nginx, as `measured`): balancer − nginx for
+/// p50, p99 and req/s with 95 % intervals (a difference whose interval holds zero is one these
+/// samples cannot tell from none), as a printed line and JSON; and each path's mean, p99.9 and
+/// max: beyond p99, what moves the mean and so requests/s.
+fn compare_one_connection(
+    paths: &[(&str, String)],
+    measured: &[paired::Paired],
+) -> (String, Value, Value) {
+    let (nginx_samples, balancer_samples) = (&measured[2].samples, &measured[1].samples);
+    let mut compared = serde_json::Map::new();
+    let mut parts = Vec::new();
+    for (name, statistic, unit) in [
+        ("p50", paired::p50 as fn(&[f64]) -> f64, "ms"),
+        ("p99", paired::p99, "ms"),
+        ("rps", paired::rps, "req/s"),
+    ] {
+        let d = paired::Difference::of(nginx_samples, balancer_samples, statistic);
+        let digits = if unit == "ms" { 3 } else { 0 };
+        parts.push(format!(
+            "{name} {:+.digits$} {unit} ({:+.digits$}..{:+.digits$})",
+            d.estimate, d.low, d.high
+        ));
+        compared.insert(
+            name.into(),
+            json!({"estimate": d.estimate, "low": d.low, "high": d.high}),
+        );
+    }
+    let line = format!(
+        "balancer bench  1 conn: balancer − nginx (95 % interval): {}",
+        parts.join("; ")
+    );
+    let mut tail = serde_json::Map::new();
+    for ((name, _), m) in paths.iter().zip(measured) {
+        let mean = m.samples.iter().sum::<f64>() / m.samples.len().max(1) as f64;
+        let max = m.samples.iter().copied().fold(0.0, f64::max);
+        tail.insert(
+            name.to_string(),
+            json!({"mean_ms": mean, "p999_ms": paired::percentile_of(&m.samples, 99.9), "max_ms": max}),
+        );
+    }
+    (line, Value::Object(compared), Value::Object(tail))
 }

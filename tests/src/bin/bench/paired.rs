@@ -122,11 +122,11 @@ impl Difference {
 
 /// The statistics the bench compares, over unsorted samples in ms.
 pub(super) fn p50(samples: &[f64]) -> f64 {
-    sorted_percentile(samples, 50.0)
+    percentile_of(samples, 50.0)
 }
 
 pub(super) fn p99(samples: &[f64]) -> f64 {
-    sorted_percentile(samples, 99.0)
+    percentile_of(samples, 99.0)
 }
 
 /// Requests/s of one connection: 1 / mean latency.
@@ -134,11 +134,8 @@ pub(super) fn rps(samples: &[f64]) -> f64 {
     1000.0 * samples.len() as f64 / samples.iter().sum::<f64>()
 }
 
+/// The `p` percentile of unsorted samples.
 pub(super) fn percentile_of(samples: &[f64], p: f64) -> f64 {
-    sorted_percentile(samples, p)
-}
-
-fn sorted_percentile(samples: &[f64], p: f64) -> f64 {
     let mut sorted = samples.to_vec();
     sorted.sort_unstable_by(f64::total_cmp);
     percentile(&sorted, p)
@@ -206,13 +203,10 @@ fn connect(target: &Target) -> Result<TcpStream> {
 
 /// p50, p99 and, since one connection waits for each answer, requests/s as 1 / mean latency.
 fn load_of(samples: &[f64]) -> Load {
-    let mut sorted = samples.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let mean = sorted.iter().sum::<f64>() / sorted.len().max(1) as f64;
     Load {
-        p50_ms: percentile(&sorted, 50.0),
-        p99_ms: percentile(&sorted, 99.0),
-        rps: 1000.0 / mean,
+        p50_ms: p50(samples),
+        p99_ms: p99(samples),
+        rps: rps(samples),
     }
 }
 
