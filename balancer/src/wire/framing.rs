@@ -451,33 +451,31 @@ mod tests {
         assert_eq!(r.framing, Framing::UntilClose);
         assert!(!r.reusable);
         assert!(response(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", false).is_err());
-        // Chunked with a length too: chunked frames the body, the length is not passed on.
-        let raw =
-            b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nTransfer-Encoding: chunked\r\nx-a: 1\r\n\r\n";
-        let r = response(raw, false).unwrap().unwrap();
-        assert_eq!(r.framing, Framing::Chunked);
-        assert_eq!(
-            String::from_utf8(r.head).unwrap(),
-            "HTTP/1.1 200 OK\r\nx-a: 1\r\ntransfer-encoding: chunked\r\n\r\n"
-        );
-        // Another transfer coding: until the close, no length either; the coding goes on, so
-        // the client knows the bytes are gzip.
-        let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nTransfer-Encoding: gzip\r\n\r\n";
-        let r = response(raw, false).unwrap().unwrap();
-        assert_eq!(r.framing, Framing::UntilClose);
-        assert_eq!(
-            String::from_utf8(r.head).unwrap(),
-            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\nconnection: close\r\n\r\n"
-        );
-        // Codings over two lines, chunked last: chunked framing, both codings passed on.
-        let raw =
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n";
-        let r = response(raw, false).unwrap().unwrap();
-        assert_eq!(r.framing, Framing::Chunked);
-        assert_eq!(
-            String::from_utf8(r.head).unwrap(),
-            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n"
-        );
+        for (raw, framing, head) in [
+            // Chunked with a length too: chunked frames the body, the length is not passed on.
+            (
+                &b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nTransfer-Encoding: chunked\r\nx-a: 1\r\n\r\n"[..],
+                Framing::Chunked,
+                "HTTP/1.1 200 OK\r\nx-a: 1\r\ntransfer-encoding: chunked\r\n\r\n",
+            ),
+            // Another transfer coding: until the close, no length either; the coding goes on,
+            // so the client knows the bytes are gzip.
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nTransfer-Encoding: gzip\r\n\r\n",
+                Framing::UntilClose,
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\nconnection: close\r\n\r\n",
+            ),
+            // Codings over two lines, chunked last: chunked framing, both codings passed on.
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Framing::Chunked,
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+            ),
+        ] {
+            let r = response(raw, false).unwrap().unwrap();
+            assert_eq!(r.framing, framing);
+            assert_eq!(String::from_utf8(r.head).unwrap(), head);
+        }
         assert!(response(b"HTTP/1.1 200 OK\r\n", false).unwrap().is_none());
     }
 

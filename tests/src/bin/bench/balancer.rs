@@ -243,7 +243,7 @@ pub async fn run(args: &Args) -> Result<Value> {
             for (i, m) in measured.iter().enumerate() {
                 if let (Some(proxy), Some((user, system))) = (proxies[i], before[i]) {
                     let (user_after, system_after) = proxy.cpu_split_ns();
-                    let per_request = |ns: u64| ns as f64 / 1000.0 / m.requests as f64;
+                    let per_request = |ns: u64| ns as f64 / 1000.0 / m.samples.len() as f64;
                     cpu_us[i].push(per_request(user_after + system_after - user - system));
                     user_us[i].push(per_request(user_after - user));
                 }

@@ -71,7 +71,6 @@ impl Target {
 pub(super) struct Paired {
     pub(super) all: Load,
     pub(super) rounds: Vec<Load>,
-    pub(super) requests: usize,
     /// Every latency in ms, in the order taken: the n-th of one path and the n-th of another
     /// were taken in the same cycle.
     pub(super) samples: Vec<f64>,
@@ -187,7 +186,6 @@ pub(super) fn interleaved(
             Paired {
                 all: load_of(&all),
                 rounds,
-                requests: all.len(),
                 samples: all,
             }
         })
